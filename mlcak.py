@@ -1,0 +1,111 @@
+"""
+MLCAK: multi-level collaborative attention knowledge, distilled from a high-resolution ViT teacher into a
+low-resolution ViT student, with two tasks at once (Akhter, Ranjan, Singh, Vatsa, arXiv 2405.13370).
+
+    MLCT  multi-label classification of local lesions       (BCE on one logit per label)
+    MCCT  global classification, normal vs abnormal          (cross-entropy)
+
+    L_joint = L_KD + L_cls
+    L_cls   = BCE(z_local, y_local) + CE(z_global, y_global)
+    L_KD    = alpha * MSE(z_local^S, z_local^T) + beta * MSE(z_global^S, z_global^T)
+              + gamma * MSE(MLCAK^S, MLCAK^T)
+    MLCAK   = (1/N) * sum_i H_i        H_i: layer i's attention averaged over its heads
+
+One short function per idea. The paper's available text leaves open how LR images enter the ViT, what H_i
+and N are exactly, and alpha/beta/gamma; our reading is in each docstring and in README.
+
+This file imports torch alone; copy it into your project as it is. It expects a model whose
+forward(x, return_attn=True) returns (local_logits, global_logits, attentions), as vit.VisionTransformer does.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def simulate_low_resolution(hr, res):
+    """
+    x_LR = up_bicubic(down_antialiased(x_HR, res x res), HR size)
+
+    The HR batch (B, C, S, S) is reduced to res x res with an antialiased (area-like) filter, which is what a
+    low-resolution detector records, then brought back to S x S by bicubic interpolation. The student thus has
+    the teacher's token grid, so the two MLCAK maps can be compared entry by entry (paper Fig. 1:
+    224 -> 112 / 56 / 28). This is the one place where LR images are made.
+    """
+    size = hr.shape[-2:]
+    if res == size[0] and res == size[1]:
+        return hr
+    lr = F.interpolate(hr, size=(res, res), mode="bilinear", antialias=True, align_corners=False)  # (B, C, res, res)
+    return F.interpolate(lr, size=size, mode="bicubic", align_corners=False).clamp(hr.min(), hr.max())  # (B, C, S, S)
+
+
+def mlcak_map(attentions, layers=None):
+    """
+    MLCAK = (1/N) * sum_{i in layers} H_i,    H_i = (1/heads) * sum_h A_{i,h}
+
+    attentions: one (B, heads, T, T) tensor per layer (softmax probabilities, as vit.VisionTransformer returns).
+    layers: indices of the layers to use (negative counts from the end); all layers by default, so N = depth.
+    Returns (B, T, T). Heads and layers are averaged away, so teacher and student may differ in width, heads
+    and depth; only the token count T has to match between them.
+    """
+    if len(attentions) == 0:
+        raise ValueError("mlcak_map needs attention matrices: call the model with return_attn=True")
+    chosen = attentions if layers is None else [attentions[i] for i in layers]
+    return torch.stack([a.mean(dim=1) for a in chosen]).mean(dim=0)  # N x (B, T, T) -> (N, B, T, T) -> (B, T, T)
+
+
+def classification_loss(local_logits, global_logits, local_targets, global_targets):
+    """
+    L_cls = BCE-with-logits(z_local, y_local) + CE(z_global, y_global)
+
+    local_targets: (B, L) in {0, 1}; global_targets: (B,) class indices (0 normal, 1 abnormal).
+    """
+    bce = F.binary_cross_entropy_with_logits(local_logits, local_targets.float())
+    ce = F.cross_entropy(global_logits, global_targets)
+    return bce, ce
+
+
+def attention_kd_loss(student_attentions, teacher_attentions, layers=None):
+    """
+    L_MLCAK = MSE(MLCAK^S, MLCAK^T) = mean over (b, t, t') of (MLCAK^S - MLCAK^T)^2
+
+    The teacher's map is detached: it is a target. A token-count mismatch is an error, not a broadcast.
+    """
+    student_map = mlcak_map(student_attentions, layers)
+    teacher_map = mlcak_map(teacher_attentions, layers).detach()
+    if student_map.shape != teacher_map.shape:
+        raise ValueError(
+            f"MLCAK maps differ in shape: student {tuple(student_map.shape)} vs teacher {tuple(teacher_map.shape)}; "
+            "teacher and student need the same number of tokens (img_size / patch_size)"
+        )
+    return F.mse_loss(student_map, teacher_map)
+
+
+def joint_loss(student_out, targets, teacher_out=None, alpha=1.0, beta=1.0, gamma=1000.0, layers=None):
+    """
+    L_joint = L_KD + L_cls
+    L_KD    = alpha * MSE(z_local^S, z_local^T) + beta * MSE(z_global^S, z_global^T) + gamma * MSE(MLCAK^S, MLCAK^T)
+
+    student_out, teacher_out: (local_logits, global_logits, attentions) from the models' forward.
+    targets: (local_targets (B, L), global_targets (B,)).
+    teacher_out None gives the baseline, L_cls alone. gamma = 0 skips the attention term (the student then need
+    not return attentions). The default gamma is large because attention probabilities are about 1/T each,
+    so their raw MSE is about 1e-5 (README, "Our reading of the paper").
+
+    Returns (total, terms): terms maps each named part to a detached float tensor, for logging.
+    """
+    s_local, s_global, s_attn = student_out
+    bce, ce = classification_loss(s_local, s_global, *targets)
+    total = bce + ce
+    terms = {"cls_local": bce, "cls_global": ce}
+    if teacher_out is not None:
+        t_local, t_global, t_attn = teacher_out
+        kd_local = F.mse_loss(s_local, t_local.detach())
+        kd_global = F.mse_loss(s_global, t_global.detach())
+        total = total + alpha * kd_local + beta * kd_global
+        terms.update(kd_local=kd_local, kd_global=kd_global)
+        if gamma:
+            kd_attn = attention_kd_loss(s_attn, t_attn, layers)
+            total = total + gamma * kd_attn
+            terms["kd_attn"] = kd_attn
+    terms["total"] = total
+    return total, {k: v.detach() for k, v in terms.items()}

@@ -1,0 +1,153 @@
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from vit import VARIANTS, ViTConfig, VisionTransformer, adapt_timm_state_dict, resample_pos_embed
+
+
+def small_cfg(**kw):
+    base = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=3, num_local=5, num_global=2)
+    base.update(kw)
+    return ViTConfig(**base)
+
+
+def timm_vit_tiny_shapes(in_chans):
+    """timm's vit_tiny_patch16_224 state_dict, written out by hand (no timm import)."""
+    D, depth, hidden = 192, 12, 768
+    shapes = {
+        "cls_token": (1, 1, D),
+        "pos_embed": (1, 197, D),
+        "patch_embed.proj.weight": (D, in_chans, 16, 16),
+        "patch_embed.proj.bias": (D,),
+        "norm.weight": (D,),
+        "norm.bias": (D,),
+    }
+    for i in range(depth):
+        p = f"blocks.{i}."
+        shapes.update({
+            p + "norm1.weight": (D,), p + "norm1.bias": (D,),
+            p + "attn.qkv.weight": (3 * D, D), p + "attn.qkv.bias": (3 * D,),
+            p + "attn.proj.weight": (D, D), p + "attn.proj.bias": (D,),
+            p + "norm2.weight": (D,), p + "norm2.bias": (D,),
+            p + "mlp.fc1.weight": (hidden, D), p + "mlp.fc1.bias": (hidden,),
+            p + "mlp.fc2.weight": (D, hidden), p + "mlp.fc2.bias": (D,),
+        })
+    return shapes
+
+
+def test_vit_tiny_state_dict_has_timm_keys_and_shapes():
+    model = VisionTransformer(ViTConfig(**VARIANTS["vit_tiny"]))
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    heads = {"head_local.weight": (22, 192), "head_local.bias": (22,), "head_global.weight": (2, 192),
+             "head_global.bias": (2,)}
+    assert ours == {**timm_vit_tiny_shapes(in_chans=1), **heads}
+
+
+def test_timm_rgb_state_dict_loads_after_conversion():
+    cfg = small_cfg()
+    model = VisionTransformer(cfg)
+    # a timm-named RGB checkpoint trained at another size (8 x 8 grid), with an ImageNet head
+    timm_like = {k: torch.randn(v.shape) for k, v in model.state_dict().items() if not k.startswith("head_")}
+    timm_like["patch_embed.proj.weight"] = torch.randn(24, 3, 8, 8)
+    timm_like["pos_embed"] = torch.randn(1, 1 + 64, 24)
+    timm_like["head.weight"], timm_like["head.bias"] = torch.randn(1000, 24), torch.randn(1000)
+    converted, report = adapt_timm_state_dict(timm_like, model)
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    assert sorted(missing) == ["head_global.bias", "head_global.weight", "head_local.bias", "head_local.weight"]
+    assert unexpected == []
+    assert sorted(report["converted"]) == ["patch_embed.proj.weight", "pos_embed"]
+    assert sorted(report["skipped"]) == ["head.bias", "head.weight"]
+    torch.testing.assert_close(model.patch_embed.proj.weight, timm_like["patch_embed.proj.weight"].sum(1, keepdim=True))
+    torch.testing.assert_close(model.blocks[1].attn.qkv.weight, timm_like["blocks.1.attn.qkv.weight"])
+    local, glob, _ = model(torch.randn(2, 1, 32, 32))
+    assert torch.isfinite(local).all() and glob.shape == (2, 2)
+
+
+def test_forward_shapes_and_attention_rows_sum_to_one():
+    cfg = small_cfg()
+    model = VisionTransformer(cfg)
+    local, glob, attns = model(torch.randn(3, 1, 32, 32), return_attn=True)
+    assert local.shape == (3, 5) and glob.shape == (3, 2)
+    assert len(attns) == cfg.depth
+    for a in attns:
+        assert a.shape == (3, 3, 17, 17)  # (B, heads, T, T) with T = 1 + (32/8)^2
+        torch.testing.assert_close(a.sum(-1), torch.ones(3, 3, 17))
+        assert a.requires_grad  # a training target: not detached
+    assert model(torch.randn(1, 1, 32, 32))[2] == []
+
+
+def test_fused_and_explicit_paths_agree():
+    torch.manual_seed(0)
+    model = VisionTransformer(small_cfg()).eval()
+    x = torch.randn(4, 1, 32, 32)
+    fused = model(x, return_attn=False)
+    explicit = model(x, return_attn=True)
+    torch.testing.assert_close(fused[0], explicit[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused[1], explicit[1], atol=1e-5, rtol=1e-5)
+
+
+def test_block_matches_torch_transformer_encoder_layer():
+    torch.manual_seed(0)
+    cfg = small_cfg(embed_dim=32, num_heads=4)
+    block = VisionTransformer(cfg).blocks[0].eval()
+    ref = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=128, dropout=0.0, activation="gelu",
+                                     layer_norm_eps=1e-6, batch_first=True, norm_first=True).eval()
+    with torch.no_grad():
+        ref.self_attn.in_proj_weight.copy_(block.attn.qkv.weight)  # both ordered q | k | v
+        ref.self_attn.in_proj_bias.copy_(block.attn.qkv.bias)
+        ref.self_attn.out_proj.weight.copy_(block.attn.proj.weight)
+        ref.self_attn.out_proj.bias.copy_(block.attn.proj.bias)
+        ref.linear1.weight.copy_(block.mlp.fc1.weight); ref.linear1.bias.copy_(block.mlp.fc1.bias)
+        ref.linear2.weight.copy_(block.mlp.fc2.weight); ref.linear2.bias.copy_(block.mlp.fc2.bias)
+        for ours, theirs in [(block.norm1, ref.norm1), (block.norm2, ref.norm2)]:
+            theirs.weight.copy_(torch.randn_like(theirs.weight)); theirs.bias.copy_(torch.randn_like(theirs.bias))
+            ours.weight.copy_(theirs.weight); ours.bias.copy_(theirs.bias)
+    x = torch.randn(2, 17, 32)
+    with torch.no_grad():
+        ours, attn = block(x, return_attn=True)
+        torch.testing.assert_close(ours, ref(x), atol=1e-5, rtol=1e-5)
+        # the attention probabilities too, against nn.MultiheadAttention's per-head weights
+        _, ref_attn = ref.self_attn(ref.norm1(x), ref.norm1(x), ref.norm1(x), need_weights=True,
+                                    average_attn_weights=False)
+        torch.testing.assert_close(attn, ref_attn, atol=1e-5, rtol=1e-5)
+
+
+def test_resample_pos_embed_identity_at_same_grid():
+    pe = torch.randn(1, 1 + 49, 8)
+    assert torch.equal(resample_pos_embed(pe, 7), pe)
+
+
+def test_resample_pos_embed_keeps_class_slot_and_a_smooth_field():
+    def field(n):  # a smooth function of the patch centres, sampled on an n x n grid
+        c = (torch.arange(n) + 0.5) / n
+        yy, xx = torch.meshgrid(c, c, indexing="ij")
+        f = torch.stack([torch.sin(2 * math.pi * xx * 0.5), torch.cos(math.pi * yy), xx + 2 * yy], dim=-1)
+        return f.reshape(1, n * n, 3)
+
+    cls = torch.randn(1, 1, 3)
+    out = resample_pos_embed(torch.cat([cls, field(14)], 1), 7)
+    assert out.shape == (1, 50, 3)
+    assert torch.equal(out[:, :1], cls)
+    assert (out[:, 1:] - field(7)).abs().max() < 0.05
+    up = resample_pos_embed(torch.cat([cls, field(7)], 1), (14, 14))
+    error = (up[:, 1:] - field(14)).reshape(14, 14, 3)
+    assert error[1:-1, 1:-1].abs().max() < 0.05  # upsampling cannot know the field beyond the outer centres
+    assert error.abs().max() < 0.1
+
+
+def test_resample_pos_embed_keeps_rows_and_columns_apart():
+    rows = torch.arange(4.0).repeat_interleave(6).reshape(1, 24, 1)  # varies along height only, 4 x 6 grid
+    out = resample_pos_embed(torch.cat([torch.zeros(1, 1, 1), rows], 1), (8, 3), old_grid=(4, 6))
+    grid = out[0, 1:, 0].reshape(8, 3)
+    assert torch.allclose(grid, grid[:, :1].expand(8, 3))  # still constant along each row
+    assert grid[0, 0] < grid[-1, 0]
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "vit_small", "vit_base"])
+def test_paper_variants_have_paper_widths(name):
+    cfg = ViTConfig(**VARIANTS[name])
+    assert (cfg.embed_dim, cfg.depth, cfg.patch_size, cfg.img_size) == (
+        {"vit_tiny": 192, "vit_small": 384, "vit_base": 768}[name], 12, 16, 224)
+    assert cfg.embed_dim // cfg.num_heads == 64

@@ -1,0 +1,221 @@
+"""
+A plain Vision Transformer, written out by hand, whose attention matrices can be read and trained on.
+
+This is the backbone of MLCAK (Akhter et al., "Low-Resolution Chest X-ray Classification via Knowledge
+Distillation and Multi-task Learning", arXiv 2405.13370): the same class serves as the high-resolution teacher
+and the low-resolution student. It follows ViT (Dosovitskiy et al., arXiv 2010.11929) and uses the parameter
+names of timm's VisionTransformer, so ImageNet ViT/DeiT weights load with load_state_dict(strict=False).
+
+Dimensions: B batch, C input channels, T tokens (class token included), N = T - 1 patches, D width,
+H heads, hd = D / H head width.
+
+This file imports torch alone; copy it into your project as it is.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ViTConfig:
+    img_size: int = 224        # input side in pixels (square); the student sees upsampled LR images of this size
+    patch_size: int = 16       # side of one patch; the token grid is img_size / patch_size on each side
+    in_chans: int = 1          # chest X-rays are grayscale
+    embed_dim: int = 192       # D
+    depth: int = 12            # number of transformer blocks
+    num_heads: int = 3         # H
+    mlp_ratio: float = 4.0     # MLP hidden width = mlp_ratio * D
+    attn_drop: float = 0.0     # dropout on attention probabilities (after they are recorded)
+    proj_drop: float = 0.0     # dropout after the attention projection and the MLP
+    num_local: int = 22        # MLCT: one logit per local lesion label (VinDr-CXR has 22)
+    num_global: int = 2        # MCCT: global classes (normal / abnormal)
+
+
+# The paper's backbones (timm's vit_tiny/small/base_patch16_224) and one small variant for a 2-core CPU,
+# chosen by measurement so that the default `python train.py --res 28` finishes in a few minutes.
+VARIANTS = {
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_cpu": dict(embed_dim=96, depth=4, num_heads=3),
+}
+
+
+class PatchEmbed(nn.Module):
+    """Cuts the image into non-overlapping patches and projects each to D dims (a strided convolution)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.grid_size = cfg.img_size // cfg.patch_size
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x):
+        x = self.proj(x)                     # (B, D, g, g)
+        return x.flatten(2).transpose(1, 2)  # (B, D, N) -> (B, N, D), patches in row-major order
+
+
+class Attention(nn.Module):
+    """
+    Multi-head self-attention. The explicit path computes softmax(q k^T / sqrt(hd)) itself so that the
+    probabilities can be returned with their graph (MLCAK trains on them); the fused
+    F.scaled_dot_product_attention path is faster but cannot return them, so it is used only when no one asks.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.embed_dim % cfg.num_heads == 0, "embed_dim must be divisible by num_heads"
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.embed_dim // cfg.num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True)  # rows ordered q | k | v
+        self.attn_drop = nn.Dropout(cfg.attn_drop)
+        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+        self.proj_drop = nn.Dropout(cfg.proj_drop)
+
+    def forward(self, x, return_attn=False):
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                      # 3 x (B, H, T, hd)
+        if return_attn:
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, T, hd) @ (B, H, hd, T) -> (B, H, T, T)
+            attn = attn.softmax(dim=-1)
+            out = self.attn_drop(attn) @ v                 # (B, H, T, hd)
+        else:
+            attn = None
+            p = self.attn_drop.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, H, T, hd)
+        out = out.transpose(1, 2).reshape(B, T, D)  # (B, H, T, hd) -> (B, T, H, hd) -> (B, T, D)
+        return self.proj_drop(self.proj(out)), attn
+
+
+class Mlp(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        hidden = int(cfg.embed_dim * cfg.mlp_ratio)
+        self.fc1 = nn.Linear(cfg.embed_dim, hidden)
+        self.act = nn.GELU()  # exact (erf) GELU, as timm
+        self.fc2 = nn.Linear(hidden, cfg.embed_dim)
+        self.drop = nn.Dropout(cfg.proj_drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.mlp = Mlp(cfg)
+
+    def forward(self, x, return_attn=False):
+        y, attn = self.attn(self.norm1(x), return_attn)
+        x = x + y
+        x = x + self.mlp(self.norm2(x))
+        return x, attn
+
+
+class VisionTransformer(nn.Module):
+    """
+    ViT with two heads on the final class token: head_local for MLCT (multi-label lesion logits) and
+    head_global for MCCT (normal / abnormal logits).
+
+    forward(x, return_attn) -> (local_logits (B, num_local), global_logits (B, num_global), attentions),
+    where attentions is a list with one (B, H, T, T) tensor per block (softmax probabilities, before dropout,
+    still in the autograd graph) when return_attn is True, and an empty list otherwise.
+    """
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        assert cfg.img_size % cfg.patch_size == 0, "img_size must be a multiple of patch_size"
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        num_patches = self.patch_embed.grid_size ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, cfg.embed_dim))  # class slot first
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.head_local = nn.Linear(cfg.embed_dim, cfg.num_local)
+        self.head_global = nn.Linear(cfg.embed_dim, cfg.num_global)
+        self._init_weights()
+
+    def _init_weights(self):
+        # timm's ViT initialisation: truncated normal 0.02 for embeddings and linear layers, zero biases
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.proj.weight
+        nn.init.trunc_normal_(w.view(w.shape[0], -1), std=0.02)  # (D, C, p, p) seen as (D, C*p*p)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+
+    def forward(self, x, return_attn=False):
+        x = self.patch_embed(x)                              # (B, N, D)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)      # (B, 1, D)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed      # (B, T, D), T = 1 + N
+        attentions = []
+        for block in self.blocks:
+            x, attn = block(x, return_attn)
+            if return_attn:
+                attentions.append(attn)
+        x = self.norm(x)[:, 0]                               # (B, D): the class token
+        return self.head_local(x), self.head_global(x), attentions
+
+
+def resample_pos_embed(pos_embed, new_grid, old_grid=None, num_prefix_tokens=1):
+    """
+    Moves position embeddings (1, prefix + h*w, D) to a new (h', w') patch grid by bicubic, antialiased
+    interpolation to an explicit size (never slicing, never a scale factor); prefix (class) slots are kept.
+    """
+    if isinstance(new_grid, int):
+        new_grid = (new_grid, new_grid)
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    if old_grid is None:
+        side = int(math.isqrt(grid.shape[1]))
+        assert side * side == grid.shape[1], "give old_grid for a non-square position grid"
+        old_grid = (side, side)
+    old_grid = tuple(old_grid)
+    if old_grid == tuple(new_grid):
+        return pos_embed
+    D = grid.shape[-1]
+    grid = grid.reshape(1, old_grid[0], old_grid[1], D).permute(0, 3, 1, 2)  # (1, h*w, D) -> (1, D, h, w)
+    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bicubic", antialias=True, align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, D).to(pos_embed.dtype)  # (1, D, h', w') -> (1, h'*w', D)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def adapt_timm_state_dict(state_dict, model):
+    """
+    Converts a timm/DeiT ViT state_dict for `model`: RGB patch weights are summed over channels for grayscale
+    input (a gray pixel g seen as (g, g, g) gives the same response), pos_embed is resampled to the model's
+    grid, and tensors the model does not have or cannot take (classifier heads) are left out.
+    Returns (state_dict, report) where report maps 'loaded', 'converted' and 'skipped' to lists of keys.
+    """
+    own = model.state_dict()
+    out, report = {}, {"loaded": [], "converted": [], "skipped": []}
+    for key, value in state_dict.items():
+        if key not in own:
+            report["skipped"].append(key)
+            continue
+        if key == "patch_embed.proj.weight" and value.shape[1] != own[key].shape[1] and own[key].shape[1] == 1:
+            value = value.sum(dim=1, keepdim=True)  # (D, 3, p, p) -> (D, 1, p, p)
+            report["converted"].append(key)
+        elif key == "pos_embed" and value.shape != own[key].shape:
+            value = resample_pos_embed(value, model.patch_embed.grid_size)
+            report["converted"].append(key)
+        if value.shape != own[key].shape:
+            report["skipped"].append(key)
+            continue
+        out[key] = value
+        if key not in report["converted"]:
+            report["loaded"].append(key)
+    return out, report
