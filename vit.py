@@ -41,7 +41,7 @@ VARIANTS = {
     "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
     "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
-    "vit_cpu": dict(embed_dim=96, depth=4, num_heads=3),
+    "vit_cpu": dict(embed_dim=96, depth=4, num_heads=3, patch_size=32),
 }
 
 

@@ -1,0 +1,212 @@
+"""
+Trains MLCAK (arXiv 2405.13370) in two stages and prints AUROC on the test set.
+
+    Stage 1  teacher ViT at high resolution (224), L_cls only; reused on later runs with the same data and recipe
+    Stage 2  student ViT at --res, L_joint = L_KD + L_cls against the frozen teacher (or L_cls alone: --no-kd)
+
+    python train.py --res 28                 # synthetic VinDr-style data (made on first use), CPU, a few minutes
+    python train.py --res 28 --no-kd         # the baseline student: the same recipe with L_cls only
+    python train.py --res 56                 # the teacher from the first run is reused
+    python train.py --data /data/vindr-cxr --model vit_small --device cuda --epochs 30 --batch-size 128 --res 28
+
+Each model gets a run folder under --out with best.pt (by validation mean local AUROC) and last.pt: plain
+dicts of tensors and values, loadable with torch.load(path, weights_only=True).
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+import data
+import evaluate
+from mlcak import joint_loss
+from vit import VARIANTS, ViTConfig, VisionTransformer
+
+NORM = (0.5, 0.25)  # input normalization, (x - mean) / std, saved with every checkpoint
+
+
+def parse_args(argv=None):
+    p = evaluate.Parser(description="Train an MLCAK teacher (HR) and student (LR) ViT.",
+                        formatter_class=evaluate.argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--res", type=int, default=28, help="student resolution: 112, 56, 28 or any value from 8 to --img-size")
+    p.add_argument("--data", help="VinDr-CXR folder, Kaggle VinBigData folder or CSV file (default: synthetic VinDr-style data in data/synthetic)")
+    p.add_argument("--model", default="vit_cpu", choices=sorted(VARIANTS), help="ViT variant for teacher and student")
+    p.add_argument("--img-size", type=int, default=224, help="high resolution: the teacher's input side")
+    p.add_argument("--epochs", type=int, default=30, help="epochs for each stage")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, linear warmup then cosine decay)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on biases, norms, embeddings)")
+    p.add_argument("--warmup", type=float, default=0.1, help="share of the steps spent warming up")
+    p.add_argument("--alpha", type=float, default=1.0, help="weight of MSE on MLCT (local) logits")
+    p.add_argument("--beta", type=float, default=1.0, help="weight of MSE on MCCT (global) logits")
+    p.add_argument("--gamma", type=float, default=1000.0, help="weight of MSE on the MLCAK attention maps")
+    p.add_argument("--no-kd", action="store_true", help="train the baseline student: L_cls only, no teacher")
+    p.add_argument("--teacher", help="teacher checkpoint to distil from (default: train one, or reuse it from --out)")
+    p.add_argument("--readers", default="majority", choices=["majority", "any"], help="how three VinDr readers are combined")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of train images held out for validation (by image id hash)")
+    p.add_argument("--out", default="runs", help="run folder")
+    p.add_argument("--cache-dir", help="where decoded images are cached (default: data/cache in this project)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    p.add_argument("--seed", type=int, default=0, help="seed for initialization and data order")
+    args = p.parse_args(argv)
+    if not 8 <= args.res <= args.img_size:
+        p.error(f"--res must be between 8 and --img-size ({args.img_size}), got {args.res}")
+    if args.data and not os.path.exists(args.data):
+        p.error(f"--data {args.data}: no such file or folder")
+    if args.teacher and not os.path.isfile(args.teacher):
+        p.error(f"--teacher {args.teacher}: no such file")
+    if not 0 <= args.val_fraction < 1:
+        p.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    return args
+
+
+def short_hash(obj):
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def save_checkpoint(path, **content):
+    """Written to a temporary file, then renamed: a crash never leaves half a checkpoint."""
+    torch.save(content, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def prepare_data(args):
+    path = args.data
+    if path is None:
+        path = data.make_synthetic(os.path.join(data.DEFAULT_DATA, "synthetic"))
+    sets = {}
+    for split in ("train", "test"):
+        source = data.load_source(path, split, args.readers)
+        for note in source.notes:
+            print(f"data: {note}")
+        sets[split] = data.build_cache(source, args.img_size, args.cache_dir)
+    train_all = data.XrayDataset(sets["train"])
+    is_val = np.array([data.hash_fraction(i) < args.val_fraction for i in train_all.image_ids])
+    train = data.XrayDataset(sets["train"], np.flatnonzero(~is_val))
+    val = data.XrayDataset(sets["train"], np.flatnonzero(is_val))
+    test = data.XrayDataset(sets["test"])
+    for name, ds in (("train", train), ("val", val), ("test", test)):
+        missing = [n for n, c in zip(ds.label_names, ds.local[ds.indices].sum(0)) if c == 0]
+        if missing and name != "val":
+            consequence = "their AUROC is n/a" if name == "test" else "the model cannot learn them"
+            print(f"data: {name} has no positive case of {len(missing)} label(s): {', '.join(missing)}; {consequence}")
+    print(f"data: {path}: {len(train)} train, {len(val)} val, {len(test)} test images, {len(train.label_names)} local labels")
+    info = dict(path=path, train_cache=sets["train"], test_cache=sets["test"])
+    return train, val, test, info
+
+
+def train_stage(role, model, run_dir, train_set, val_set, res, args, device, info, teacher=None):
+    """One training run (teacher or student): AdamW, warmup + cosine, validation each epoch, best/last saved."""
+    os.makedirs(run_dir, exist_ok=True)
+    kd = teacher is not None
+    need_attn = kd and args.gamma > 0
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         generator=torch.Generator().manual_seed(args.seed))
+    total = args.epochs * len(loader)
+    warmup = max(1, int(args.warmup * total))
+    schedule = lambda step: (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    print(f"{role}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, res {res}, {total} steps, "
+          f"{'L_KD + L_cls' if kd else 'L_cls'}, run folder {run_dir}")
+    best, step, start = -1.0, 0, time.time()
+    base = dict(vit_config=dataclasses.asdict(model.cfg), args=vars(args), role=role, res=res, kd=kd, norm=list(NORM),
+                label_names=train_set.label_names, data=info)
+    for epoch in range(args.epochs):
+        model.train()
+        for images, local, abnormal, _ in loader:
+            images, local, abnormal = images.to(device), local.to(device), abnormal.to(device)
+            student_out = model(evaluate.model_input(images, res, NORM), return_attn=need_attn)
+            teacher_out = None
+            if kd:
+                with torch.no_grad():
+                    teacher_out = teacher(evaluate.model_input(images, args.img_size, NORM), return_attn=need_attn)
+            loss, terms = joint_loss(student_out, (local, abnormal), teacher_out, args.alpha, args.beta, args.gamma)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            if step % args.log_every == 0 or step == total:
+                rate = step * args.batch_size / (time.time() - start)
+                parts = " ".join(f"{k} {v.item():.4g}" for k, v in terms.items())
+                print(f"{role} epoch {epoch + 1}/{args.epochs} step {step}/{total} | {parts} | "
+                      f"{rate:.0f} img/s, ETA {(total - step) * args.batch_size / rate:.0f}s", flush=True)
+        val = evaluate.metrics(*evaluate.predict(model, val_set, res, NORM, device), val_set.label_names) if len(val_set) else None
+        score = val["mean_local_auroc"] if val and not math.isnan(val["mean_local_auroc"]) else float(epoch)
+        summary = dict(epoch=epoch + 1, val_mean_local_auroc=val and val["mean_local_auroc"],
+                       val_normal_abnormal_auroc=val and val["normal_abnormal_auroc"])
+        if val:
+            print(f"{role} epoch {epoch + 1}: val mean local AUROC {val['mean_local_auroc']:.3f} "
+                  f"({val['labels_defined']} labels), normal/abnormal {val['normal_abnormal_auroc']:.3f}")
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        save_checkpoint(os.path.join(run_dir, "last.pt"), model=state, epoch=epoch + 1, step=step, metrics=summary, **base)
+        if score > best:
+            best = score
+            save_checkpoint(os.path.join(run_dir, "best.pt"), model=state, epoch=epoch + 1, step=step, metrics=summary, **base)
+    return os.path.join(run_dir, "best.pt")
+
+
+def run_dirs(args, info, teacher_key):
+    """Run folders named by what determines their result, so a finished run is found and reused, never mixed up."""
+    recipe = dict(model=args.model, img_size=args.img_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                  weight_decay=args.weight_decay, warmup=args.warmup, seed=args.seed, readers=args.readers,
+                  val_fraction=args.val_fraction, data=[os.path.basename(info["train_cache"]), os.path.basename(info["test_cache"])])
+    teacher_dir = os.path.join(args.out, f"teacher-{args.img_size}-{short_hash(recipe)}")
+    teacher_key = teacher_key or short_hash(recipe)
+    mlcak = dict(recipe, res=args.res, teacher=teacher_key, alpha=args.alpha, beta=args.beta, gamma=args.gamma)
+    return dict(teacher=teacher_dir,
+                mlcak=os.path.join(args.out, f"student-{args.res}-mlcak-{short_hash(mlcak)}"),
+                baseline=os.path.join(args.out, f"student-{args.res}-baseline-{short_hash(dict(recipe, res=args.res))}"))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    device = evaluate.device_from(args.device)
+    train_set, val_set, test_set, info = prepare_data(args)
+    cfg = ViTConfig(img_size=args.img_size, num_local=len(train_set.label_names), **VARIANTS[args.model])
+    teacher_key = short_hash(args.teacher + str(os.path.getmtime(args.teacher))) if args.teacher else None
+    dirs = run_dirs(args, info, teacher_key)
+    teacher_path = args.teacher or os.path.join(dirs["teacher"], "best.pt")
+    if not args.no_kd and not args.teacher and not os.path.isfile(teacher_path):
+        train_stage("teacher", VisionTransformer(cfg).to(device), dirs["teacher"], train_set, val_set, args.img_size,
+                    args, device, info)
+    elif not args.no_kd:
+        print(f"teacher: reusing {teacher_path}")
+    if args.no_kd:
+        student_path = train_stage("baseline", VisionTransformer(cfg).to(device), dirs["baseline"], train_set, val_set,
+                                   args.res, args, device, info)
+    else:
+        teacher, teacher_ckpt = evaluate.load_checkpoint(teacher_path, device)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        student_path = train_stage("student", VisionTransformer(cfg).to(device), dirs["mlcak"], train_set, val_set,
+                                   args.res, args, device, info, teacher=teacher)
+    rows = [teacher_path, os.path.join(dirs["baseline"], "best.pt"), os.path.join(dirs["mlcak"], "best.pt")]
+    rows = [p for p in dict.fromkeys(rows) if os.path.isfile(p)]  # what exists of the three, in table order
+    results = [evaluate.evaluate_checkpoint(p, test_set, device) for p in rows]
+    print(f"\ntest set: {len(test_set)} images ({info['path']})")
+    print(evaluate.format_table(results))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except data.DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
