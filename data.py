@@ -384,8 +384,11 @@ class XrayDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         n = int(self.indices[i])
-        image = torch.from_numpy(self.images[n].astype(np.float32) / 255.0)[None]  # (S, S) -> (1, S, S)
-        return image, torch.from_numpy(self.local[n].astype(np.float32)), int(self.abnormal[n]), n
+        return self.image(n), torch.from_numpy(self.local[n].astype(np.float32)), int(self.abnormal[n]), n
+
+    def image(self, n):
+        """Cache row n as a (1, S, S) float32 tensor in [0, 1]."""
+        return torch.from_numpy(self.images[n].astype(np.float32) / 255.0)[None]  # (S, S) -> (1, S, S)
 
     def boxes(self, n):
         """(K, 5) float32: label index, x_min, y_min, x_max, y_max, scaled from original to cache pixels."""
@@ -457,15 +460,15 @@ def synthetic_chest(rng, h, w, labels):
             img += 0.22 * a * _ellipse(Y, X, cy, cx, ry, ry); box = (cx - ry, cy - ry, cx + ry, cy + ry)
         elif label in ("Atelectasis", "Consolidation", "Lung Opacity", "Nodule/Mass", "Other lesion"):
             ry, rx, amp = {"Atelectasis": (0.022, 0.07, 0.22), "Consolidation": (0.08, 0.07, 0.25),
-                           "Lung Opacity": (0.05, 0.05, 0.18), "Nodule/Mass": (4 * U, 4 * U, 0.22),
-                           "Other lesion": (2.5 * U, 5 * U, 0.22)}[label]
+                           "Lung Opacity": (0.05, 0.05, 0.18), "Nodule/Mass": (4 * U, 4 * U, 0.35),
+                           "Other lesion": (2.5 * U, 5 * U, 0.35)}[label]
             cy, cx, _ = lung_point()
             img += amp * a * _ellipse(Y, X, cy, cx, ry * r, rx * r, soft=0.15); box = (cx - rx * r, cy - ry * r, cx + rx * r, cy + ry * r)
         elif label == "Calcification":
             cy, cx, _ = lung_point()
             dots = [(cy + rng.uniform(-0.02, 0.02), cx + rng.uniform(-0.02, 0.02)) for _ in range(3)]
             for py, px in dots:
-                img += 0.45 * a * _ellipse(Y, X, py, px, 1.3 * U, 1.3 * U, soft=0.2)
+                img += 0.6 * a * _ellipse(Y, X, py, px, 1.3 * U, 1.3 * U, soft=0.2)
             ys, xs = [d[0] for d in dots], [d[1] for d in dots]
             box = (min(xs) - 3 * U, min(ys) - 3 * U, max(xs) + 3 * U, max(ys) + 3 * U)
         elif label == "Cardiomegaly":
@@ -478,7 +481,7 @@ def synthetic_chest(rng, h, w, labels):
             else:
                 cx = mid + rng.choice([-1, 1]) * rng.uniform(0.12, 0.3)
                 cy = ribs[rng.integers(2, 7)] + 0.09 * ((cx - 0.5 - dx) / 0.4) ** 2
-            img -= 0.2 * a * _segment(Y, X, cy - 0.02, cx - 0.004, cy + 0.02, cx + 0.004, 0.8 * U)
+            img -= 0.3 * a * _segment(Y, X, cy - 0.02, cx - 0.004, cy + 0.02, cx + 0.004, 0.8 * U)
             box = (cx - 6 * U, cy - 6 * U, cx + 6 * U, cy + 6 * U)
         elif label == "Edema":
             for _, cx in lungs:
@@ -493,7 +496,7 @@ def synthetic_chest(rng, h, w, labels):
             lung, cx = lungs[rng.integers(2)]
             zone = lung * (Y > 0.5 + dy) * (np.abs(X - cx) < 0.1)
             grid = (np.sin(2 * np.pi * X / (3.5 * U)) * np.sin(2 * np.pi * Y / (3.5 * U))) > 0.5  # finer than 8 px
-            img += 0.12 * a * zone * grid; box = (cx - 0.1, 0.5 + dy, cx + 0.1, 0.78 + dy)
+            img += 0.2 * a * zone * grid; box = (cx - 0.1, 0.5 + dy, cx + 0.1, 0.78 + dy)
         elif label == "Infiltration":
             cy, cx, _ = lung_point()
             for _ in range(3):
@@ -503,7 +506,7 @@ def synthetic_chest(rng, h, w, labels):
             cy, cx, _ = lung_point()
             radius, wall = (5 * U, 1.5 * U) if label == "Lung cavity" else (4 * U, 0.8 * U)
             d = np.sqrt((Y - cy) ** 2 + (X - cx) ** 2)
-            img += 0.3 * a * np.exp(-((d - radius) / wall) ** 2); box = (cx - radius - 2 * U, cy - radius - 2 * U, cx + radius + 2 * U, cy + radius + 2 * U)
+            img += 0.4 * a * np.exp(-((d - radius) / wall) ** 2); box = (cx - radius - 2 * U, cy - radius - 2 * U, cx + radius + 2 * U, cy + radius + 2 * U)
         elif label == "Mediastinal shift":
             box = (mid - 0.07, 0.1, mid + 0.07, 0.66 + dy)
         elif label == "Pleural effusion":
@@ -517,13 +520,13 @@ def synthetic_chest(rng, h, w, labels):
             edge = cx + side * 0.13 * s
             y0 = rng.uniform(0.22, 0.45) + dy
             width = 1.2 * U if label == "Pleural thickening" else 0.8 * U
-            img += 0.3 * a * _segment(Y, X, y0, edge, y0 + 0.12, edge + side * 0.01, width)
+            img += 0.4 * a * _segment(Y, X, y0, edge, y0 + 0.12, edge + side * 0.01, width)
             box = (min(edge, edge + side * 0.01) - 4 * U, y0 - 4 * U, max(edge, edge + side * 0.01) + 4 * U, y0 + 0.12 + 4 * U)
         elif label == "Pulmonary fibrosis":
             cy, cx, _ = lung_point()
             for _ in range(3):
                 oy, ox, ang = rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03), rng.uniform(0, np.pi)
-                img += 0.2 * a * _segment(Y, X, cy + oy, cx + ox, cy + oy + 0.035 * np.sin(ang), cx + ox + 0.035 * np.cos(ang), 0.8 * U)
+                img += 0.35 * a * _segment(Y, X, cy + oy, cx + ox, cy + oy + 0.035 * np.sin(ang), cx + ox + 0.035 * np.cos(ang), 0.8 * U)
             box = (cx - 0.07, cy - 0.07, cx + 0.07, cy + 0.07)
         boxes.append((label, *np.clip(box, 0, 1)))
     img = np.clip(img + quantum_noise, 0, 1) ** exposure  # contrast varies between machines
@@ -598,7 +601,7 @@ def make_synthetic(root, n_train=1000, n_test=300, seed=0, workers=None, verbose
                 return root
     for sub in ("train", "test", "annotations"):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
-    weights = np.array([1.5 if name in COARSE else 1.0 for name in LOCAL_LABELS])
+    weights = np.ones(len(LOCAL_LABELS))  # every finding equally likely: each label has positives to learn from
     jobs = [(root, split, n, seed, weights / weights.sum()) for split, count in (("train", n_train), ("test", n_test))
             for n in range(count)]
     start, results = time.time(), []

@@ -14,12 +14,15 @@ import json
 import math
 import os
 import sys
+import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 import data
-from mlcak import simulate_low_resolution
+from mlcak import mlcak_map, simulate_low_resolution
 from vit import ViTConfig, VisionTransformer
 
 
@@ -31,24 +34,73 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def tie_ranks(scores):
+    """(R, N) -> ranks 1..N along each row, tied scores sharing the mean of the ranks they span."""
+    order = np.argsort(scores, axis=1, kind="stable")
+    s = np.take_along_axis(scores, order, axis=1)
+    R, N = s.shape
+    position = np.broadcast_to(np.arange(N), (R, N))
+    starts_group = np.ones((R, N), bool)
+    starts_group[:, 1:] = s[:, 1:] != s[:, :-1]
+    ends_group = np.ones((R, N), bool)
+    ends_group[:, :-1] = starts_group[:, 1:]
+    first = np.maximum.accumulate(np.where(starts_group, position, 0), axis=1)           # group's first position
+    last = np.minimum.accumulate(np.where(ends_group, position, N - 1)[:, ::-1], axis=1)[:, ::-1]  # and its last
+    ranks = np.empty((R, N))
+    np.put_along_axis(ranks, order, (first + last) / 2 + 1, axis=1)
+    return ranks
+
+
+def auroc_rows(y_true, y_score):
+    """
+    AUROC of each row = P(score of a random positive > score of a random negative), ties counting 1/2,
+    from ranks (Mann-Whitney U): (sum of positive ranks - P(P+1)/2) / (P * Nneg). NaN for a row with one
+    class only (never 0 or 0.5, which would bias a mean). Rows are bootstrap resamples or labels.
+    """
+    y_true, y_score = np.asarray(y_true).astype(bool), np.asarray(y_score, np.float64)
+    P = y_true.sum(axis=1)
+    Nneg = y_true.shape[1] - P
+    positive_ranks = (tie_ranks(y_score) * y_true).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((P > 0) & (Nneg > 0), (positive_ranks - P * (P + 1) / 2) / (P * Nneg), np.nan)
+
+
 def auroc(y_true, y_score):
+    """AUROC of one score vector (see auroc_rows); NaN when y_true holds one class only."""
+    return float(auroc_rows(np.ravel(y_true)[None], np.ravel(y_score)[None])[0])
+
+
+def bootstrap(predictions, n_boot=1000, seed=0):
     """
-    Area under the ROC curve = P(score of a random positive > score of a random negative), ties counting 1/2,
-    from ranks (Mann-Whitney U): (sum of positive ranks - P(P+1)/2) / (P * Nneg), with tied scores given their
-    mean rank. NaN when y_true holds one class only (never 0 or 0.5, which would bias a mean).
+    Resamples the test images with replacement n_boot times (the same resamples for every model, so that
+    differences are paired) and returns, per model, the resampled mean local AUROC (over the labels defined in
+    each resample) and normal/abnormal AUROC, each (n_boot,). predictions: (local, abnormal, y_local, y_abnormal)
+    per model, on the same images in the same order.
     """
-    y_true, y_score = np.asarray(y_true).astype(bool).ravel(), np.asarray(y_score, np.float64).ravel()
-    n_pos, n_neg = int(y_true.sum()), int((~y_true).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(y_score, kind="mergesort")
-    sorted_scores = y_score[order]
-    # tied runs share the mean of the ranks they span (ranks start at 1)
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
-    ends = np.r_[starts[1:], len(sorted_scores)]
-    ranks = np.empty(len(y_score))
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    return float((ranks[y_true].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    n = len(predictions[0][3])
+    idx = np.random.default_rng(seed).integers(0, n, (n_boot, n))  # (R, N)
+    out = []
+    for local, abnormal, y_local, y_abnormal in predictions:
+        per_label = np.stack([auroc_rows(y_local[idx, k], local[idx, k]) for k in range(y_local.shape[1])], 1)  # (R, L)
+        with warnings.catch_warnings():  # a resample with no defined label gives NaN, on purpose
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean_local = np.nanmean(per_label, axis=1)
+        out.append(dict(mean_local_auroc=mean_local, normal_abnormal_auroc=auroc_rows(y_abnormal[idx], abnormal[idx]),
+                        per_label=per_label))
+    return out
+
+
+def interval(samples):
+    """The 95% percentile interval of bootstrap samples, as [low, high]."""
+    low, high = np.nanpercentile(samples, [2.5, 97.5])
+    return [float(low), float(high)]
+
+
+def paired_difference(point_a, point_b, samples_a, samples_b):
+    """b - a with its 95% interval and a two-sided bootstrap p-value (how often the resampled difference crosses 0)."""
+    d = samples_b - samples_a
+    p = min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0)))
+    return dict(difference=float(point_b - point_a), ci=interval(d), p_value=float(p))
 
 
 def device_from(name):
@@ -93,6 +145,120 @@ def metrics(local, abnormal, y_local, y_abnormal, label_names):
                 normal_abnormal_auroc=auroc(y_abnormal, abnormal), n_images=int(len(y_abnormal)))
 
 
+# ------------------------------------------------------------------------------------- attention as explanation
+
+@torch.no_grad()
+def class_token_maps(model, dataset, rows, res, norm, device, batch_size=32):
+    """The class-token row of MLCAK for the given cache rows, as (n, g, g) maps that sum to 1 over the patches."""
+    model.eval()
+    g, out = model.patch_embed.grid_size, []
+    for start in range(0, len(rows), batch_size):
+        images = torch.stack([dataset.image(int(n)) for n in rows[start:start + batch_size]]).to(device)
+        _, _, attentions = model(model_input(images, res, norm), return_attn=True)
+        row = mlcak_map(attentions)[:, 0, 1:]  # (B, T, T) -> (B, N): class token's attention to each patch
+        out.append((row / row.sum(1, keepdim=True)).reshape(-1, g, g).float().cpu())  # (B, N) -> (B, g, g)
+    return torch.cat(out) if out else torch.zeros(0, g, g)
+
+
+def upsample(maps, size):
+    """(n, g, g) patch maps -> (n, size, size) pixel maps (bilinear), each still summing to 1."""
+    up = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]  # (n, S, S)
+    return (up / up.sum((1, 2), keepdim=True)).numpy()
+
+
+def box_mask(boxes, size):
+    """Union of boxes (K, 5: label, x_min, y_min, x_max, y_max in pixels) as a (size, size) boolean mask."""
+    mask = np.zeros((size, size), bool)
+    for _, x0, y0, x1, y1 in boxes:
+        mask[max(0, int(y0)):min(size, int(np.ceil(y1))), max(0, int(x0)):min(size, int(np.ceil(x1)))] = True
+    return mask
+
+
+def localization(maps, masks):
+    """
+    attention_in_box = mean over images of sum(map * mask): the share of attention inside the finding boxes.
+    pointing_game    = mean over images of mask[argmax(map)]: the most attended pixel lies in a box.
+    chance           = mean box area share: what a uniform map scores on both.
+    """
+    if len(masks) == 0:
+        return None
+    masks = np.asarray(masks)
+    flat = maps.reshape(len(maps), -1)
+    hits = masks.reshape(len(masks), -1)[np.arange(len(maps)), flat.argmax(1)]
+    return dict(attention_in_box=float((maps * masks).sum((1, 2)).mean()), pointing_game=float(hits.mean()),
+                chance=float(masks.mean()), n_images=len(masks))
+
+
+def localization_score(model, ckpt, dataset, device):
+    rows = [int(n) for n in dataset.indices if len(dataset.boxes(int(n)))]
+    size = dataset.meta["size"]
+    maps = upsample(class_token_maps(model, dataset, rows, ckpt["res"], ckpt["norm"], device), size)
+    return localization(maps, [box_mask(dataset.boxes(n), size) for n in rows])
+
+
+# a perceptually ordered dark-to-bright ramp (after matplotlib's inferno), interpolated linearly
+RAMP = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21],
+                 [250, 193, 39], [252, 255, 164]], np.float64)
+
+
+def colorize(values):
+    """(H, W) in [0, 1] -> (H, W, 3) uint8 along RAMP."""
+    x = np.clip(values, 0, 1) * (len(RAMP) - 1)
+    i = np.minimum(x.astype(int), len(RAMP) - 2)
+    f = (x - i)[..., None]
+    return (RAMP[i] * (1 - f) + RAMP[i + 1] * f).astype(np.uint8)
+
+
+def panel(image, boxes, title, heat=None, title_height=14):
+    """One figure panel: the image (S, S) in [0, 1], the attention map overlaid, the boxes, a title above."""
+    rgb = np.repeat((np.clip(image, 0, 1) * 255)[..., None], 3, axis=2)
+    if heat is not None:
+        rgb = 0.45 * rgb + 0.55 * colorize((heat - heat.min()) / max(heat.max() - heat.min(), 1e-12))  # per-map contrast
+    S = image.shape[0]
+    canvas = Image.new("RGB", (S, S + title_height), "white")
+    canvas.paste(Image.fromarray(rgb.astype(np.uint8)), (0, title_height))
+    draw = ImageDraw.Draw(canvas)
+    for _, x0, y0, x1, y1 in boxes:
+        draw.rectangle([x0, y0 + title_height, x1, y1 + title_height], outline=(0, 255, 0))
+    draw.text((2, 1), title, fill="black")
+    return canvas
+
+
+def write_figures(folder, dataset, loaded, rows, device):
+    """One PNG per test image (input, then each checkpoint's map), and overview.png stacking them all."""
+    os.makedirs(folder, exist_ok=True)
+    size = dataset.meta["size"]
+    maps = [upsample(class_token_maps(m, dataset, rows, c["res"], c["norm"], device), size) for m, c in loaded]
+    figures = []
+    for k, n in enumerate(rows):
+        hr, boxes = dataset.image(n), dataset.boxes(n)
+        panels = [panel(hr[0].numpy(), boxes, f"{dataset.image_ids[n][:12]} @{size}")]
+        for (model, ckpt), m in zip(loaded, maps):
+            seen = model_input(hr[None], ckpt["res"], (0.0, 1.0))[0, 0].numpy()  # what this model saw, in [0, 1]
+            panels.append(panel(seen, boxes, run_name(ckpt), heat=m[k]))
+        figure = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
+        for j, p in enumerate(panels):
+            figure.paste(p, (j * p.width, 0))
+        figure.save(os.path.join(folder, f"{dataset.image_ids[n]}.png"))
+        figures.append(figure)
+    overview = Image.new("RGB", (figures[0].width, sum(f.height for f in figures)), "white")
+    for j, f in enumerate(figures):
+        overview.paste(f, (0, j * f.height))
+    overview.save(os.path.join(folder, "overview.png"))
+    return len(figures)
+
+
+def pick_rows(dataset, ids=None, count=6):
+    """Cache rows to draw: the given image ids, or else the test images with the most boxes."""
+    if ids:
+        known = {i: n for n, i in enumerate(dataset.image_ids)}
+        missing = [i for i in ids if i not in known]
+        if missing:
+            raise data.DataError(f"--map-ids: image {missing[0]} is not in the test set")
+        return [known[i] for i in ids]
+    return sorted((int(n) for n in dataset.indices), key=lambda n: (-len(dataset.boxes(n)), n))[:count]
+
+
 def load_checkpoint(path, device="cpu"):
     """A checkpoint written by train.py -> (model in eval mode, the checkpoint dict). Plain tensors and values only."""
     if not os.path.isfile(path):
@@ -106,17 +272,39 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device).eval(), ckpt
 
 
-def evaluate_checkpoint(path, dataset, device="cpu", write_json=True):
-    model, ckpt = load_checkpoint(path, device)
-    if dataset.label_names != ckpt["label_names"]:
-        raise data.DataError(f"{path}: trained on labels {ckpt['label_names'][:3]}..., the test set has "
-                             f"{dataset.label_names[:3]}...; they must match")
-    result = metrics(*predict(model, dataset, ckpt["res"], ckpt["norm"], device), dataset.label_names)
-    result.update(checkpoint=path, name=run_name(ckpt))
+def evaluate_checkpoints(paths, dataset, device="cpu", n_boot=1000, pairs=None, write_json=True, seed=0):
+    """
+    Evaluates checkpoints on one test set: AUROC per label, mean local and normal/abnormal AUROC, with 95%
+    bootstrap intervals (n_boot resamples of the test images, shared by all checkpoints), the localization of
+    their attention where the test set has boxes, and paired differences: for each (i, j) in pairs (default:
+    every checkpoint against the first) the difference j - i. Writes <checkpoint>.eval.json beside each.
+    """
+    results, predictions = [], []
+    for path in paths:
+        model, ckpt = load_checkpoint(path, device)
+        if dataset.label_names != ckpt["label_names"]:
+            raise data.DataError(f"{path}: trained on labels {ckpt['label_names'][:3]}..., the test set has "
+                                 f"{dataset.label_names[:3]}...; they must match")
+        predictions.append(predict(model, dataset, ckpt["res"], ckpt["norm"], device))
+        result = metrics(*predictions[-1], dataset.label_names)
+        result.update(checkpoint=path, name=run_name(ckpt), localization=localization_score(model, ckpt, dataset, device))
+        results.append(result)
+    if n_boot:
+        samples = bootstrap(predictions, n_boot, seed)
+        for r, b in zip(results, samples):
+            r["mean_local_auroc_ci"] = interval(b["mean_local_auroc"])
+            r["normal_abnormal_auroc_ci"] = interval(b["normal_abnormal_auroc"])
+            for k, m in enumerate(r["per_label"].values()):
+                m["ci"] = interval(b["per_label"][:, k]) if not math.isnan(m["auroc"]) else None
+        for i, j in pairs if pairs is not None else [(0, j) for j in range(1, len(paths))]:
+            results[j].setdefault("differences", []).append(dict(against=results[i]["name"], **{
+                key: paired_difference(results[i][key], results[j][key], samples[i][key], samples[j][key])
+                for key in ("mean_local_auroc", "normal_abnormal_auroc")}))
     if write_json:
-        with open(os.path.splitext(path)[0] + ".eval.json", "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+        for r in results:
+            with open(os.path.splitext(r["checkpoint"])[0] + ".eval.json", "w") as f:
+                json.dump(r, f, indent=1)
+    return results
 
 
 def run_name(ckpt):
@@ -137,6 +325,37 @@ def format_table(results):
     mean = f"mean local AUROC ({results[0]['labels_defined']}/{results[0]['labels_total']} labels)"
     lines.append(f"{mean:<32}" + "".join(f"{r['mean_local_auroc']:>{width}.3f}" for r in results))
     lines.append(f"{'normal/abnormal AUROC':<32}" + "".join(f"{r['normal_abnormal_auroc']:>{width}.3f}" for r in results))
+    if "mean_local_auroc_ci" in results[0]:
+        for key, label in (("mean_local_auroc_ci", "  95% interval, mean local"), ("normal_abnormal_auroc_ci", "  95% interval, normal/abn.")):
+            lines.append(f"{label:<32}" + "".join(f"{'[%.3f, %.3f]' % tuple(r[key]):>{width}}" for r in results))
+    if results[0].get("localization"):
+        for key in ("attention_in_box", "pointing_game"):
+            lines.append(f"{key.replace('_', ' '):<32}" + "".join(f"{r['localization'][key]:>{width}.3f}" for r in results))
+        lines.append(f"{'  (uniform map: chance)':<32}{results[0]['localization']['chance']:>{width}.3f}")
+    for r in results:
+        for d in r.get("differences", []):
+            m = d["mean_local_auroc"]
+            lines.append(f"{r['name']} - {d['against']}: mean local AUROC {m['difference']:+.3f} "
+                         f"[{m['ci'][0]:+.3f}, {m['ci'][1]:+.3f}], p = {m['p_value']:.3f}")
+    return "\n".join(lines)
+
+
+def markdown_table(results):
+    """The paper's resolution table: a row per checkpoint, AUROC with intervals, localization, MLCAK - baseline."""
+    fmt = lambda v, ci: f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
+    lines = ["| model | mean local AUROC [95% CI] | normal/abnormal AUROC [95% CI] | attention in box | pointing game "
+             "| difference in mean local AUROC [95% CI], p |", "|---|---|---|---|---|---|"]
+    for r in results:
+        loc = r.get("localization") or {}
+        diff = "; ".join(f"{r['name'].split()[0]} - {d['against'].split()[0]}: {d['mean_local_auroc']['difference']:+.3f} "
+                         f"[{d['mean_local_auroc']['ci'][0]:+.3f}, {d['mean_local_auroc']['ci'][1]:+.3f}], "
+                         f"p = {d['mean_local_auroc']['p_value']:.3f}" for d in r.get("differences", []))
+        lines.append(f"| {r['name']} | {fmt(r['mean_local_auroc'], r.get('mean_local_auroc_ci'))} | "
+                     f"{fmt(r['normal_abnormal_auroc'], r.get('normal_abnormal_auroc_ci'))} | "
+                     f"{loc.get('attention_in_box', float('nan')):.3f} | {loc.get('pointing_game', float('nan')):.3f} | {diff} |")
+    chance = (results[0].get("localization") or {}).get("chance")
+    if chance is not None:
+        lines.append(f"| uniform map (chance) | | | {chance:.3f} | {chance:.3f} | |")
     return "\n".join(lines)
 
 
@@ -151,22 +370,32 @@ def test_dataset(ckpt, data_path=None, cache_dir=None):
 def main(argv=None):
     parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoints written by train.py")
-    parser.add_argument("--data", help="VinDr/Kaggle folder or CSV to test on (default: the one each checkpoint names)")
+    parser.add_argument("--data", help="VinDr/Kaggle folder or CSV to test on (default: the one the first checkpoint names)")
     parser.add_argument("--cache-dir", help="where decoded images are cached (default: data/cache in this project)")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples")
+    parser.add_argument("--maps", metavar="DIR", help="write attention-map figures (one PNG per image, overview.png) here")
+    parser.add_argument("--map-ids", help="comma-separated test image ids to draw (default: those with the most boxes)")
+    parser.add_argument("--num-maps", type=int, default=6, help="how many images to draw when --map-ids is not given")
     args = parser.parse_args(argv)
     device = device_from(args.device)
     try:
-        results = []
-        for path in args.checkpoints:
-            _, ckpt = load_checkpoint(path)
-            results.append(evaluate_checkpoint(path, test_dataset(ckpt, args.data, args.cache_dir), device))
+        _, first = load_checkpoint(args.checkpoints[0])
+        dataset = test_dataset(first, args.data, args.cache_dir)
+        results = evaluate_checkpoints(args.checkpoints, dataset, device, args.bootstrap, seed=args.seed)
+        if args.maps:
+            rows = pick_rows(dataset, args.map_ids.split(",") if args.map_ids else None, args.num_maps)
+            loaded = [load_checkpoint(p, device) for p in args.checkpoints]
+            count = write_figures(args.maps, dataset, loaded, rows, device)
     except data.DataError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     print(format_table(results))
     for r in results:
         print(f"wrote {os.path.splitext(r['checkpoint'])[0]}.eval.json")
+    if args.maps:
+        print(f"wrote {count} figures and overview.png to {args.maps}")
 
 
 if __name__ == "__main__":

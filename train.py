@@ -35,11 +35,11 @@ NORM = (0.5, 0.25)  # input normalization, (x - mean) / std, saved with every ch
 def parse_args(argv=None):
     p = evaluate.Parser(description="Train an MLCAK teacher (HR) and student (LR) ViT.",
                         formatter_class=evaluate.argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--res", type=int, default=28, help="student resolution: 112, 56, 28 or any value from 8 to --img-size")
+    p.add_argument("--res", type=int, nargs="+", default=[28], help="student resolution(s): 112, 56, 28 or any value from 8 to --img-size")
     p.add_argument("--data", help="VinDr-CXR folder, Kaggle VinBigData folder or CSV file (default: synthetic VinDr-style data in data/synthetic)")
     p.add_argument("--model", default="vit_cpu", choices=sorted(VARIANTS), help="ViT variant for teacher and student")
     p.add_argument("--img-size", type=int, default=224, help="high resolution: the teacher's input side")
-    p.add_argument("--epochs", type=int, default=30, help="epochs for each stage")
+    p.add_argument("--epochs", type=int, default=50, help="epochs for each stage")
     p.add_argument("--batch-size", type=int, default=32, help="images per step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, linear warmup then cosine decay)")
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on biases, norms, embeddings)")
@@ -48,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=1.0, help="weight of MSE on MCCT (global) logits")
     p.add_argument("--gamma", type=float, default=1000.0, help="weight of MSE on the MLCAK attention maps")
     p.add_argument("--no-kd", action="store_true", help="train the baseline student: L_cls only, no teacher")
+    p.add_argument("--compare", action="store_true", help="train baseline and MLCAK students at every --res; write a Markdown table and attention maps")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals of the final table (0: none)")
     p.add_argument("--teacher", help="teacher checkpoint to distil from (default: train one, or reuse it from --out)")
     p.add_argument("--readers", default="majority", choices=["majority", "any"], help="how three VinDr readers are combined")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of train images held out for validation (by image id hash)")
@@ -58,8 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     p.add_argument("--seed", type=int, default=0, help="seed for initialization and data order")
     args = p.parse_args(argv)
-    if not 8 <= args.res <= args.img_size:
-        p.error(f"--res must be between 8 and --img-size ({args.img_size}), got {args.res}")
+    for res in args.res:
+        if not 8 <= res <= args.img_size:
+            p.error(f"--res must be between 8 and --img-size ({args.img_size}), got {res}")
     if args.data and not os.path.exists(args.data):
         p.error(f"--data {args.data}: no such file or folder")
     if args.teacher and not os.path.isfile(args.teacher):
@@ -160,17 +163,20 @@ def train_stage(role, model, run_dir, train_set, val_set, res, args, device, inf
     return os.path.join(run_dir, "best.pt")
 
 
-def run_dirs(args, info, teacher_key):
+def run_dirs(args, info, teacher_key, res):
     """Run folders named by what determines their result, so a finished run is found and reused, never mixed up."""
     recipe = dict(model=args.model, img_size=args.img_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                   weight_decay=args.weight_decay, warmup=args.warmup, seed=args.seed, readers=args.readers,
                   val_fraction=args.val_fraction, data=[os.path.basename(info["train_cache"]), os.path.basename(info["test_cache"])])
-    teacher_dir = os.path.join(args.out, f"teacher-{args.img_size}-{short_hash(recipe)}")
-    teacher_key = teacher_key or short_hash(recipe)
-    mlcak = dict(recipe, res=args.res, teacher=teacher_key, alpha=args.alpha, beta=args.beta, gamma=args.gamma)
-    return dict(teacher=teacher_dir,
-                mlcak=os.path.join(args.out, f"student-{args.res}-mlcak-{short_hash(mlcak)}"),
-                baseline=os.path.join(args.out, f"student-{args.res}-baseline-{short_hash(dict(recipe, res=args.res))}"))
+    mlcak = dict(recipe, res=res, teacher=teacher_key or short_hash(recipe), alpha=args.alpha, beta=args.beta, gamma=args.gamma)
+    return dict(teacher=os.path.join(args.out, f"teacher-{args.img_size}-{short_hash(recipe)}"),
+                mlcak=os.path.join(args.out, f"student-{res}-mlcak-{short_hash(mlcak)}"),
+                baseline=os.path.join(args.out, f"student-{res}-baseline-{short_hash(dict(recipe, res=res))}"))
+
+
+def finished(run_dir, epochs):
+    last = os.path.join(run_dir, "last.pt")
+    return os.path.isfile(last) and torch.load(last, map_location="cpu", weights_only=True)["epoch"] == epochs
 
 
 def main(argv=None):
@@ -181,27 +187,42 @@ def main(argv=None):
     train_set, val_set, test_set, info = prepare_data(args)
     cfg = ViTConfig(img_size=args.img_size, num_local=len(train_set.label_names), **VARIANTS[args.model])
     teacher_key = short_hash(args.teacher + str(os.path.getmtime(args.teacher))) if args.teacher else None
-    dirs = run_dirs(args, info, teacher_key)
-    teacher_path = args.teacher or os.path.join(dirs["teacher"], "best.pt")
-    if not args.no_kd and not args.teacher and not os.path.isfile(teacher_path):
-        train_stage("teacher", VisionTransformer(cfg).to(device), dirs["teacher"], train_set, val_set, args.img_size,
-                    args, device, info)
-    elif not args.no_kd:
-        print(f"teacher: reusing {teacher_path}")
-    if args.no_kd:
-        student_path = train_stage("baseline", VisionTransformer(cfg).to(device), dirs["baseline"], train_set, val_set,
-                                   args.res, args, device, info)
-    else:
-        teacher, teacher_ckpt = evaluate.load_checkpoint(teacher_path, device)
+    teacher_dir = run_dirs(args, info, teacher_key, None)["teacher"]
+    teacher_path = args.teacher or os.path.join(teacher_dir, "best.pt")
+    methods = ["baseline", "mlcak"] if args.compare else ["baseline"] if args.no_kd else ["mlcak"]
+    if "mlcak" in methods:
+        if args.teacher or finished(teacher_dir, args.epochs):
+            print(f"teacher: reusing {teacher_path}")
+        else:
+            train_stage("teacher", VisionTransformer(cfg).to(device), teacher_dir, train_set, val_set, args.img_size,
+                        args, device, info)
+        teacher, _ = evaluate.load_checkpoint(teacher_path, device)
         for p in teacher.parameters():
             p.requires_grad_(False)
-        student_path = train_stage("student", VisionTransformer(cfg).to(device), dirs["mlcak"], train_set, val_set,
-                                   args.res, args, device, info, teacher=teacher)
-    rows = [teacher_path, os.path.join(dirs["baseline"], "best.pt"), os.path.join(dirs["mlcak"], "best.pt")]
-    rows = [p for p in dict.fromkeys(rows) if os.path.isfile(p)]  # what exists of the three, in table order
-    results = [evaluate.evaluate_checkpoint(p, test_set, device) for p in rows]
+    table, pairs = [teacher_path] if os.path.isfile(teacher_path) else [], []
+    for res in args.res:
+        dirs = run_dirs(args, info, teacher_key, res)
+        for method in ("baseline", "mlcak"):
+            if method in methods and finished(dirs[method], args.epochs):
+                print(f"{method} student@{res}: reusing {dirs[method]}")
+            elif method in methods:
+                train_stage("student" if method == "mlcak" else "baseline", VisionTransformer(cfg).to(device), dirs[method],
+                            train_set, val_set, res, args, device, info, teacher=teacher if method == "mlcak" else None)
+            if os.path.isfile(os.path.join(dirs[method], "best.pt")):
+                table.append(os.path.join(dirs[method], "best.pt"))
+        if table[-2:] == [os.path.join(dirs[m], "best.pt") for m in ("baseline", "mlcak")]:
+            pairs.append((len(table) - 2, len(table) - 1))  # MLCAK - baseline at this resolution, paired
+    results = evaluate.evaluate_checkpoints(table, test_set, device, args.bootstrap, pairs)
     print(f"\ntest set: {len(test_set)} images ({info['path']})")
     print(evaluate.format_table(results))
+    if args.compare:
+        name = os.path.join(args.out, f"table-{short_hash(table)}")
+        with open(name + ".md", "w") as f:
+            f.write(f"Test set: {len(test_set)} images of {info['path']}; intervals from {args.bootstrap} bootstrap "
+                    f"resamples.\n\n{evaluate.markdown_table(results)}\n")
+        loaded = [evaluate.load_checkpoint(p, device) for p in table]
+        evaluate.write_figures(name + "-maps", test_set, loaded, evaluate.pick_rows(test_set), device)
+        print(f"wrote {name}.md and attention maps in {name}-maps/")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from evaluate import auroc, format_table, metrics
+from evaluate import (auroc, bootstrap, box_mask, class_token_maps, colorize, format_table, interval, localization, metrics,
+                      paired_difference, pick_rows, write_figures)
 
 
 def brute_force_auroc(y, s):
@@ -44,3 +45,95 @@ def test_mean_is_over_defined_labels_with_their_count():
     assert m["normal_abnormal_auroc"] == 1.0
     table = format_table([dict(m, name="teacher@224")])
     assert "n/a" in table and "(2/3 labels)" in table and "0.625" in table
+
+
+def predictions(local_scores, y_local, abnormal_scores, y_abnormal):
+    return (np.asarray(local_scores, float), np.asarray(abnormal_scores, float), np.asarray(y_local), np.asarray(y_abnormal))
+
+
+def test_bootstrap_of_a_perfect_score_gives_one_with_interval_one():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, (200, 3))
+    y_abn = y.any(1).astype(int)
+    (b,) = bootstrap([predictions(y + 0.1 * rng.random(y.shape), y, y_abn, y_abn)], n_boot=200)
+    assert interval(b["mean_local_auroc"]) == [1.0, 1.0] and interval(b["normal_abnormal_auroc"]) == [1.0, 1.0]
+
+
+def test_bootstrap_interval_of_random_scores_covers_one_half():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, (300, 4))
+    (b,) = bootstrap([predictions(rng.random(y.shape), y, rng.random(300), y[:, 0])], n_boot=500)
+    low, high = interval(b["mean_local_auroc"])
+    assert low < 0.5 < high and high - low < 0.15
+    low, high = interval(b["normal_abnormal_auroc"])
+    assert low < 0.5 < high
+
+
+def test_bootstrap_resamples_agree_with_auroc_on_each_resample():
+    rng = np.random.default_rng(2)
+    y, s = rng.integers(0, 2, (50, 2)), rng.integers(0, 5, (50, 2))  # ties on purpose
+    (b,) = bootstrap([predictions(s, y, s[:, 0], y[:, 0])], n_boot=5, seed=3)
+    idx = np.random.default_rng(3).integers(0, 50, (5, 50))
+    for r in range(5):
+        expected = np.nanmean([auroc(y[idx[r], k], s[idx[r], k]) for k in range(2)])
+        assert b["mean_local_auroc"][r] == pytest.approx(expected)
+
+
+def test_paired_bootstrap_of_a_model_against_itself_is_zero():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, (100, 2))
+    p = predictions(rng.random(y.shape), y, rng.random(100), y[:, 0])
+    a, b = bootstrap([p, p], n_boot=100)
+    d = paired_difference(0.7, 0.7, a["mean_local_auroc"], b["mean_local_auroc"])
+    assert d == {"difference": 0.0, "ci": [0.0, 0.0], "p_value": 1.0}
+
+
+def test_paired_difference_detects_a_clearly_better_model():
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, (300, 2))
+    good = predictions(y + rng.normal(0, 0.5, y.shape), y, y[:, 0] + rng.normal(0, 0.5, 300), y[:, 0])
+    bad = predictions(rng.random(y.shape), y, rng.random(300), y[:, 0])
+    a, b = bootstrap([bad, good], n_boot=300)
+    d = paired_difference(0.5, 0.84, a["mean_local_auroc"], b["mean_local_auroc"])
+    assert d["ci"][0] > 0 and d["p_value"] < 0.01
+
+
+def test_attention_in_box_and_pointing_game_on_hand_made_maps():
+    # 4 x 4 images; image 0: all mass in one pixel inside the box; image 1: uniform, box of 4 pixels
+    maps = np.zeros((2, 4, 4))
+    maps[0, 1, 1] = 1.0
+    maps[1] = 1 / 16
+    masks = [box_mask([[0, 1, 1, 2, 2]], 4), box_mask([[0, 2, 2, 4, 4]], 4)]
+    assert masks[0].sum() == 1 and masks[1].sum() == 4
+    result = localization(maps, masks)
+    # in box: (1 + 4/16) / 2; pointing: image 0 hits, image 1's argmax is pixel (0, 0), outside; chance (1/16 + 4/16) / 2
+    assert result == {"attention_in_box": 0.625, "pointing_game": 0.5, "chance": 0.15625, "n_images": 2}
+
+
+def test_colorize_runs_dark_to_bright():
+    rgb = colorize(np.array([[0.0, 0.5, 1.0]]))
+    assert rgb.dtype == np.uint8 and rgb.shape == (1, 3, 3)
+    assert rgb[0, 0].sum() < rgb[0, 1].sum() < rgb[0, 2].sum()
+
+
+def test_map_figures_have_one_panel_per_checkpoint_plus_the_input(tmp_path):
+    import torch
+
+    import data
+    from vit import ViTConfig, VisionTransformer
+
+    root = data.make_synthetic(str(tmp_path / "syn"), n_train=2, n_test=4, seed=2, workers=1, verbose=False)
+    test = data.XrayDataset(data.build_cache(data.load_source(root, "test"), 64, str(tmp_path / "cache"), workers=1,
+                                             verbose=False))
+    model = VisionTransformer(ViTConfig(img_size=64, patch_size=16, embed_dim=24, depth=2, num_heads=2)).eval()
+    loaded = [(model, dict(res=64, norm=[0.5, 0.25], role="teacher", kd=False)),
+              (model, dict(res=16, norm=[0.5, 0.25], role="student", kd=True))]
+    rows = pick_rows(test, count=3)
+    assert len(rows) == 3 and len(test.boxes(rows[0])) >= len(test.boxes(rows[-1]))
+    assert write_figures(str(tmp_path / "maps"), test, loaded, rows, "cpu") == 3
+    from PIL import Image
+    overview = Image.open(tmp_path / "maps" / "overview.png")
+    assert overview.size == (3 * 64, 3 * (64 + 14))
+    assert Image.open(tmp_path / "maps" / f"{test.image_ids[rows[0]]}.png").size == (3 * 64, 64 + 14)
+    maps = class_token_maps(model, test, rows, 64, (0.5, 0.25), "cpu")
+    assert maps.shape == (3, 4, 4) and torch.allclose(maps.sum((1, 2)), torch.ones(3))

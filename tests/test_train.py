@@ -85,3 +85,30 @@ def test_bad_flags_give_one_clear_line_and_a_nonzero_exit(flags, message):
 def test_evaluate_names_a_missing_checkpoint():
     result = run("evaluate.py", "/no/such/best.pt", check=False)
     assert result.returncode == 1 and "/no/such/best.pt: checkpoint not found" in result.stderr
+
+
+def test_compare_writes_the_resolution_table_and_maps_reusing_finished_runs(tiny):
+    tmp, _, _ = tiny
+    out = run("train.py", "--data", str(tmp / "syn"), "--out", str(tmp / "runs"), "--cache-dir", str(tmp / "cache"),
+              "--epochs", "2", "--batch-size", "8", "--res", "56", "28", "--compare", "--bootstrap", "200").stdout
+    assert "teacher: reusing" in out and "baseline student@28: reusing" in out and "MLCAK student@28: reusing" not in out
+    assert "mlcak student@28: reusing" in out and "baseline epoch 2/2" in out  # only the 56 students are new
+    table = next(f for f in os.listdir(tmp / "runs") if f.startswith("table-") and f.endswith(".md"))
+    text = open(tmp / "runs" / table).read()
+    for row in ("| teacher@224 |", "| baseline student@56 |", "| MLCAK student@56 |", "| baseline student@28 |",
+                "| MLCAK student@28 |", "| uniform map (chance) |"):
+        assert row in text
+    assert text.count("MLCAK - baseline:") == 2
+    maps = tmp / "runs" / table.replace(".md", "-maps")
+    assert len(os.listdir(maps)) == 7  # six images and the overview
+
+
+def test_evaluate_writes_attention_maps_for_chosen_images(tiny):
+    tmp, _, _ = tiny
+    teacher = next(r for r in os.listdir(tmp / "runs") if r.startswith("teacher"))
+    ckpt = str(tmp / "runs" / teacher / "best.pt")
+    ids = data.XrayDataset(torch.load(ckpt, weights_only=True)["data"]["test_cache"]).image_ids[:2]
+    out = run("evaluate.py", ckpt, "--maps", str(tmp / "maps"), "--map-ids", ",".join(ids), "--bootstrap", "100").stdout
+    assert "wrote 2 figures" in out and sorted(os.listdir(tmp / "maps")) == sorted([f"{i}.png" for i in ids] + ["overview.png"])
+    bad = run("evaluate.py", ckpt, "--maps", str(tmp / "maps"), "--map-ids", "nope", check=False)
+    assert bad.returncode == 1 and "--map-ids: image nope is not in the test set" in bad.stderr
