@@ -9,6 +9,11 @@ Trains MLCAK (arXiv 2405.13370) in two stages and prints AUROC on the test set.
     python train.py --res 56                 # the teacher from the first run is reused
     python train.py --data /data/vindr-cxr --model vit_small --device cuda --epochs 30 --batch-size 128 --res 28
 
+Several GPUs or machines (DistributedDataParallel; --batch-size stays the global batch):
+
+    torchrun --standalone --nproc_per_node=4 train.py --data /data/vindr-cxr --model vit_small --device cuda --amp
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 --nproc_per_node=8 train.py ...
+
 Each model gets a run folder under --out with best.pt (by validation mean local AUROC) and last.pt: plain
 dicts of tensors and values, loadable with torch.load(path, weights_only=True).
 """
@@ -23,11 +28,12 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import data
 import evaluate
 from mlcak import joint_loss
-from vit import VARIANTS, ViTConfig, VisionTransformer
+from vit import CHECKPOINT_NORMS, VARIANTS, ViTConfig, VisionTransformer, adapt_timm_state_dict
 
 NORM = (0.5, 0.25)  # input normalization, (x - mean) / std, saved with every checkpoint
 
@@ -57,6 +63,11 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", help="where decoded images are cached (default: data/cache in this project)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--init", help="start teacher and students from a timm/DeiT ViT checkpoint (state_dict, or a dict with 'model')")
+    p.add_argument("--init-norm", default="imagenet", choices=sorted(CHECKPOINT_NORMS), help="input normalization the --init checkpoint was trained with")
+    p.add_argument("--resume", action="store_true", help="continue unfinished runs from their last.pt (model, optimizer, schedule, epoch)")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast for forward and loss")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trained model")
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     p.add_argument("--seed", type=int, default=0, help="seed for initialization and data order")
     args = p.parse_args(argv)
@@ -65,8 +76,9 @@ def parse_args(argv=None):
             p.error(f"--res must be between 8 and --img-size ({args.img_size}), got {res}")
     if args.data and not os.path.exists(args.data):
         p.error(f"--data {args.data}: no such file or folder")
-    if args.teacher and not os.path.isfile(args.teacher):
-        p.error(f"--teacher {args.teacher}: no such file")
+    for flag in ("teacher", "init"):
+        if getattr(args, flag) and not os.path.isfile(getattr(args, flag)):
+            p.error(f"--{flag} {getattr(args, flag)}: no such file")
     if not 0 <= args.val_fraction < 1:
         p.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     return args
@@ -82,16 +94,17 @@ def save_checkpoint(path, **content):
     os.replace(path + ".tmp", path)
 
 
-def prepare_data(args):
+def prepare_data(args, verbose=True):
+    say = print if verbose else (lambda *a, **k: None)
     path = args.data
     if path is None:
-        path = data.make_synthetic(os.path.join(data.DEFAULT_DATA, "synthetic"))
+        path = data.make_synthetic(os.path.join(data.DEFAULT_DATA, "synthetic"), verbose=verbose)
     sets = {}
     for split in ("train", "test"):
         source = data.load_source(path, split, args.readers)
         for note in source.notes:
-            print(f"data: {note}")
-        sets[split] = data.build_cache(source, args.img_size, args.cache_dir)
+            say(f"data: {note}")
+        sets[split] = data.build_cache(source, args.img_size, args.cache_dir, verbose=verbose)
     train_all = data.XrayDataset(sets["train"])
     is_val = np.array([data.hash_fraction(i) < args.val_fraction for i in train_all.image_ids])
     train = data.XrayDataset(sets["train"], np.flatnonzero(~is_val))
@@ -101,65 +114,143 @@ def prepare_data(args):
         missing = [n for n, c in zip(ds.label_names, ds.local[ds.indices].sum(0)) if c == 0]
         if missing and name != "val":
             consequence = "their AUROC is n/a" if name == "test" else "the model cannot learn them"
-            print(f"data: {name} has no positive case of {len(missing)} label(s): {', '.join(missing)}; {consequence}")
-    print(f"data: {path}: {len(train)} train, {len(val)} val, {len(test)} test images, {len(train.label_names)} local labels")
+            say(f"data: {name} has no positive case of {len(missing)} label(s): {', '.join(missing)}; {consequence}")
+    say(f"data: {path}: {len(train)} train, {len(val)} val, {len(test)} test images, {len(train.label_names)} local labels")
     info = dict(path=path, train_cache=sets["train"], test_cache=sets["test"])
     return train, val, test, info
 
 
-def train_stage(role, model, run_dir, train_set, val_set, res, args, device, info, teacher=None):
+class Ddp:
+    """torchrun's environment, nanoGPT-style: one process per device, rank 0 logs, saves and evaluates."""
+
+    def __init__(self, device):
+        self.on = "RANK" in os.environ
+        self.rank, self.world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if self.on else (0, 1)
+        self.master = self.rank == 0
+        self.device = device
+        if self.on:
+            if device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+    def barrier(self):
+        if self.on:
+            dist.barrier()
+
+    def gather(self, obj):
+        """Every rank's obj, in rank order, on every rank."""
+        if not self.on:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def sharded_predict(model, dataset, res, ddp):
+    """evaluate.predict over each rank's share of the images, gathered back into dataset order."""
+    rows = np.arange(len(dataset))
+    mine = torch.utils.data.Subset(dataset, rows[ddp.rank::ddp.world])
+    parts = ddp.gather(evaluate.predict(model, mine, res, NORM, ddp.device))
+    order = np.argsort(np.concatenate([rows[r::ddp.world] for r in range(ddp.world)]), kind="stable")
+    return tuple(np.concatenate([p[k] for p in parts])[order] for k in range(4))
+
+
+def initial_model(cfg, args, device, ddp):
+    model = VisionTransformer(cfg)
+    if args.init:
+        state = torch.load(args.init, map_location="cpu", weights_only=True)
+        state = state.get("model", state)
+        try:
+            state, report = adapt_timm_state_dict(state, model, args.init_norm, NORM)
+        except ValueError as err:
+            raise data.DataError(f"--init {args.init}: {err}") from None
+        model.load_state_dict(state, strict=False)
+        if ddp.master:
+            print(f"init: {args.init}: {len(report['loaded'])} tensors loaded, converted {report['converted']}, "
+                  f"skipped {report['skipped']}, heads new")
+    return model.to(device)
+
+
+def train_stage(role, model, run_dir, train_set, val_set, res, args, ddp, info, teacher=None):
     """One training run (teacher or student): AdamW, warmup + cosine, validation each epoch, best/last saved."""
-    os.makedirs(run_dir, exist_ok=True)
-    kd = teacher is not None
+    device, kd = ddp.device, teacher is not None
     need_attn = kd and args.gamma > 0
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         generator=torch.Generator().manual_seed(args.seed))
+    os.makedirs(run_dir, exist_ok=True)
+    decays = lambda n, p: p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n
+    opt = torch.optim.AdamW([{"params": [p for n, p in model.named_parameters() if decays(n, p)], "weight_decay": args.weight_decay},
+                             {"params": [p for n, p in model.named_parameters() if not decays(n, p)], "weight_decay": 0.0}], lr=args.lr)
+    # the same sampler with one process or many: rank r takes every world-th image of one seeded permutation, so
+    # N processes with batch B/N see, step by step, the same images as one process with batch B
+    sampler = torch.utils.data.DistributedSampler(train_set, ddp.world, ddp.rank, shuffle=True, seed=args.seed, drop_last=True)
+    if args.batch_size % ddp.world:
+        raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the {ddp.world} processes")
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // ddp.world, sampler=sampler, drop_last=True,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
     total = args.epochs * len(loader)
     warmup = max(1, int(args.warmup * total))
     schedule = lambda step: (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    print(f"{role}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, res {res}, {total} steps, "
-          f"{'L_KD + L_cls' if kd else 'L_cls'}, run folder {run_dir}")
-    best, step, start = -1.0, 0, time.time()
-    base = dict(vit_config=dataclasses.asdict(model.cfg), args=vars(args), role=role, res=res, kd=kd, norm=list(NORM),
+    raw = model  # what is saved: never the DDP or compiled wrapper, so keys carry no 'module.' or '_orig_mod.'
+    first_epoch, best, step = 0, -1.0, 0
+    last_path = os.path.join(run_dir, "last.pt")
+    if args.resume and os.path.isfile(last_path):
+        last = torch.load(last_path, map_location="cpu", weights_only=True)
+        raw.load_state_dict(last["model"]), opt.load_state_dict(last["optimizer"]), sched.load_state_dict(last["scheduler"])
+        torch.set_rng_state(last["rng"])
+        first_epoch, best, step = last["epoch"], last["best"], last["step"]
+        if ddp.master:
+            print(f"{role}: resuming {last_path} after epoch {first_epoch}")
+    if args.compile:
+        model = torch.compile(model)
+    if ddp.on:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+    if ddp.master:
+        print(f"{role}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, res {res}, {total} steps, "
+              f"{'L_KD + L_cls' if kd else 'L_cls'}, run folder {run_dir}")
+    base = dict(vit_config=dataclasses.asdict(raw.cfg), args=vars(args), role=role, res=res, kd=kd, norm=list(NORM),
                 label_names=train_set.label_names, data=info)
-    for epoch in range(args.epochs):
+    start, start_step = time.time(), step
+    for epoch in range(first_epoch, args.epochs):
         model.train()
+        sampler.set_epoch(epoch)
         for images, local, abnormal, _ in loader:
-            images, local, abnormal = images.to(device), local.to(device), abnormal.to(device)
-            student_out = model(evaluate.model_input(images, res, NORM), return_attn=need_attn)
-            teacher_out = None
-            if kd:
-                with torch.no_grad():
-                    teacher_out = teacher(evaluate.model_input(images, args.img_size, NORM), return_attn=need_attn)
-            loss, terms = joint_loss(student_out, (local, abnormal), teacher_out, args.alpha, args.beta, args.gamma)
+            images = images.to(device, non_blocking=True)
+            local, abnormal = local.to(device, non_blocking=True), abnormal.to(device, non_blocking=True)
+            with autocast():
+                student_out = model(evaluate.model_input(images, res, NORM), return_attn=need_attn)
+                teacher_out = None
+                if kd:
+                    with torch.no_grad():
+                        teacher_out = teacher(evaluate.model_input(images, args.img_size, NORM), return_attn=need_attn)
+                loss, terms = joint_loss(student_out, (local, abnormal), teacher_out, args.alpha, args.beta, args.gamma)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
             step += 1
-            if step % args.log_every == 0 or step == total:
-                rate = step * args.batch_size / (time.time() - start)
-                parts = " ".join(f"{k} {v.item():.4g}" for k, v in terms.items())
+            if ddp.master and (step % args.log_every == 0 or step == total):
+                rate = (step - start_step) * args.batch_size / (time.time() - start)
+                parts = " ".join(f"{k} {v.item():.4g}" for k, v in terms.items())  # the only host sync, every few steps
                 print(f"{role} epoch {epoch + 1}/{args.epochs} step {step}/{total} | {parts} | "
                       f"{rate:.0f} img/s, ETA {(total - step) * args.batch_size / rate:.0f}s", flush=True)
-        val = evaluate.metrics(*evaluate.predict(model, val_set, res, NORM, device), val_set.label_names) if len(val_set) else None
+        val = evaluate.metrics(*sharded_predict(raw, val_set, res, ddp), val_set.label_names) if len(val_set) else None
         score = val["mean_local_auroc"] if val and not math.isnan(val["mean_local_auroc"]) else float(epoch)
         summary = dict(epoch=epoch + 1, val_mean_local_auroc=val and val["mean_local_auroc"],
                        val_normal_abnormal_auroc=val and val["normal_abnormal_auroc"])
-        if val:
-            print(f"{role} epoch {epoch + 1}: val mean local AUROC {val['mean_local_auroc']:.3f} "
-                  f"({val['labels_defined']} labels), normal/abnormal {val['normal_abnormal_auroc']:.3f}")
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        save_checkpoint(os.path.join(run_dir, "last.pt"), model=state, epoch=epoch + 1, step=step, metrics=summary, **base)
-        if score > best:
-            best = score
-            save_checkpoint(os.path.join(run_dir, "best.pt"), model=state, epoch=epoch + 1, step=step, metrics=summary, **base)
+        if ddp.master:
+            if val:
+                print(f"{role} epoch {epoch + 1}: val mean local AUROC {val['mean_local_auroc']:.3f} "
+                      f"({val['labels_defined']} labels), normal/abnormal {val['normal_abnormal_auroc']:.3f}")
+            state = {k: v.detach().cpu() for k, v in raw.state_dict().items()}
+            if score > best:
+                best = score
+                save_checkpoint(os.path.join(run_dir, "best.pt"), model=state, epoch=epoch + 1, step=step, metrics=summary, **base)
+            save_checkpoint(last_path, model=state, epoch=epoch + 1, step=step, metrics=summary, best=best,
+                            optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=torch.get_rng_state(), **base)
+        ddp.barrier()
     return os.path.join(run_dir, "best.pt")
 
 
@@ -167,7 +258,8 @@ def run_dirs(args, info, teacher_key, res):
     """Run folders named by what determines their result, so a finished run is found and reused, never mixed up."""
     recipe = dict(model=args.model, img_size=args.img_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                   weight_decay=args.weight_decay, warmup=args.warmup, seed=args.seed, readers=args.readers,
-                  val_fraction=args.val_fraction, data=[os.path.basename(info["train_cache"]), os.path.basename(info["test_cache"])])
+                  val_fraction=args.val_fraction, data=[os.path.basename(info["train_cache"]), os.path.basename(info["test_cache"])],
+                  init=args.init and [os.path.abspath(args.init), os.path.getmtime(args.init), args.init_norm])
     mlcak = dict(recipe, res=res, teacher=teacher_key or short_hash(recipe), alpha=args.alpha, beta=args.beta, gamma=args.gamma)
     return dict(teacher=os.path.join(args.out, f"teacher-{args.img_size}-{short_hash(recipe)}"),
                 mlcak=os.path.join(args.out, f"student-{res}-mlcak-{short_hash(mlcak)}"),
@@ -181,22 +273,26 @@ def finished(run_dir, epochs):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    device = evaluate.device_from(args.device)
-    train_set, val_set, test_set, info = prepare_data(args)
+    torch.manual_seed(args.seed)  # the same on every rank: the same initial weights everywhere
+    ddp = Ddp(evaluate.device_from(args.device))
+    if not ddp.master:
+        ddp.barrier()  # rank 0 makes the data and the caches first; the others then read them
+    train_set, val_set, test_set, info = prepare_data(args, verbose=ddp.master)
+    if ddp.master:
+        ddp.barrier()
     cfg = ViTConfig(img_size=args.img_size, num_local=len(train_set.label_names), **VARIANTS[args.model])
     teacher_key = short_hash(args.teacher + str(os.path.getmtime(args.teacher))) if args.teacher else None
     teacher_dir = run_dirs(args, info, teacher_key, None)["teacher"]
     teacher_path = args.teacher or os.path.join(teacher_dir, "best.pt")
     methods = ["baseline", "mlcak"] if args.compare else ["baseline"] if args.no_kd else ["mlcak"]
+    say = print if ddp.master else (lambda *a, **k: None)
     if "mlcak" in methods:
         if args.teacher or finished(teacher_dir, args.epochs):
-            print(f"teacher: reusing {teacher_path}")
+            say(f"teacher: reusing {teacher_path}")
         else:
-            train_stage("teacher", VisionTransformer(cfg).to(device), teacher_dir, train_set, val_set, args.img_size,
-                        args, device, info)
-        teacher, _ = evaluate.load_checkpoint(teacher_path, device)
+            train_stage("teacher", initial_model(cfg, args, ddp.device, ddp), teacher_dir, train_set, val_set,
+                        args.img_size, args, ddp, info)
+        teacher, _ = evaluate.load_checkpoint(teacher_path, ddp.device)  # eval mode, never wrapped in DDP
         for p in teacher.parameters():
             p.requires_grad_(False)
     table, pairs = [teacher_path] if os.path.isfile(teacher_path) else [], []
@@ -204,14 +300,23 @@ def main(argv=None):
         dirs = run_dirs(args, info, teacher_key, res)
         for method in ("baseline", "mlcak"):
             if method in methods and finished(dirs[method], args.epochs):
-                print(f"{method} student@{res}: reusing {dirs[method]}")
+                say(f"{method} student@{res}: reusing {dirs[method]}")
             elif method in methods:
-                train_stage("student" if method == "mlcak" else "baseline", VisionTransformer(cfg).to(device), dirs[method],
-                            train_set, val_set, res, args, device, info, teacher=teacher if method == "mlcak" else None)
+                train_stage("student" if method == "mlcak" else "baseline", initial_model(cfg, args, ddp.device, ddp),
+                            dirs[method], train_set, val_set, res, args, ddp, info,
+                            teacher=teacher if method == "mlcak" else None)
             if os.path.isfile(os.path.join(dirs[method], "best.pt")):
                 table.append(os.path.join(dirs[method], "best.pt"))
         if table[-2:] == [os.path.join(dirs[m], "best.pt") for m in ("baseline", "mlcak")]:
             pairs.append((len(table) - 2, len(table) - 1))  # MLCAK - baseline at this resolution, paired
+    if ddp.master:
+        report(args, table, pairs, test_set, info, ddp.device)
+    if ddp.on:
+        dist.destroy_process_group()
+
+
+def report(args, table, pairs, test_set, info, device):
+    """The final AUROC table on the test set; with --compare also the Markdown table and attention maps."""
     results = evaluate.evaluate_checkpoints(table, test_set, device, args.bootstrap, pairs)
     print(f"\ntest set: {len(test_set)} images ({info['path']})")
     print(evaluate.format_table(results))

@@ -193,28 +193,45 @@ def resample_pos_embed(pos_embed, new_grid, old_grid=None, num_prefix_tokens=1):
     return torch.cat([prefix, grid], dim=1)
 
 
-def adapt_timm_state_dict(state_dict, model):
+# the input normalizations that timm / DeiT checkpoints were trained with, per RGB channel: (mean, std)
+CHECKPOINT_NORMS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # DeiT, most timm ViTs
+                    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}                # timm's augreg ViTs
+
+
+def adapt_timm_state_dict(state_dict, model, checkpoint_norm="imagenet", input_norm=(0.5, 0.25)):
     """
-    Converts a timm/DeiT ViT state_dict for `model`: RGB patch weights are summed over channels for grayscale
-    input (a gray pixel g seen as (g, g, g) gives the same response), pos_embed is resampled to the model's
-    grid, and tensors the model does not have or cannot take (classifier heads) are left out.
-    Returns (state_dict, report) where report maps 'loaded', 'converted' and 'skipped' to lists of keys.
+    Converts a timm/DeiT ViT state_dict for `model` (grayscale input normalized as (g - mu) / sigma):
+
+        the checkpoint saw, per channel c, (g - m_c) / s_c for a gray pixel g shown as (g, g, g), so
+        W' = sigma * sum_c W_c / s_c      b' = b + sum_{c, pixels} W_c * (mu - m_c) / s_c
+
+    gives the same patch embedding as the pretrained model on the replicated gray image, normalization included.
+    pos_embed is resampled to the model's grid; classifier heads are skipped. Returns (state_dict, report) with
+    the keys 'loaded', 'converted', 'skipped'; raises ValueError if the checkpoint is not a ViT of this width.
     """
     own = model.state_dict()
+    for key in ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "pos_embed"):
+        if key not in state_dict:
+            raise ValueError(f"not a timm/DeiT ViT state_dict: no '{key}'")
     out, report = {}, {"loaded": [], "converted": [], "skipped": []}
     for key, value in state_dict.items():
         if key not in own:
             report["skipped"].append(key)
             continue
-        if key == "patch_embed.proj.weight" and value.shape[1] != own[key].shape[1] and own[key].shape[1] == 1:
-            value = value.sum(dim=1, keepdim=True)  # (D, 3, p, p) -> (D, 1, p, p)
-            report["converted"].append(key)
+        if key == "patch_embed.proj.weight" and own[key].shape[1] == 1:
+            mean, std = (torch.tensor(v, dtype=value.dtype)[: value.shape[1], None, None] for v in CHECKPOINT_NORMS[checkpoint_norm])
+            mu, sigma = input_norm
+            out["patch_embed.proj.bias"] = state_dict["patch_embed.proj.bias"] + (value * (mu - mean) / std).sum((1, 2, 3))
+            value = sigma * (value / std).sum(dim=1, keepdim=True)  # (D, C, p, p) -> (D, 1, p, p)
+            report["converted"] += [key, "patch_embed.proj.bias"]
+        elif key == "patch_embed.proj.bias" and own["patch_embed.proj.weight"].shape[1] == 1:
+            continue  # folded together with the weight above
         elif key == "pos_embed" and value.shape != own[key].shape:
             value = resample_pos_embed(value, model.patch_embed.grid_size)
             report["converted"].append(key)
         if value.shape != own[key].shape:
-            report["skipped"].append(key)
-            continue
+            raise ValueError(f"checkpoint does not fit this model: {key} is {tuple(value.shape)}, "
+                             f"the model has {tuple(own[key].shape)} (another ViT width or depth?)")
         out[key] = value
         if key not in report["converted"]:
             report["loaded"].append(key)

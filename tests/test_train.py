@@ -112,3 +112,84 @@ def test_evaluate_writes_attention_maps_for_chosen_images(tiny):
     assert "wrote 2 figures" in out and sorted(os.listdir(tmp / "maps")) == sorted([f"{i}.png" for i in ids] + ["overview.png"])
     bad = run("evaluate.py", ckpt, "--maps", str(tmp / "maps"), "--map-ids", "nope", check=False)
     assert bad.returncode == 1 and "--map-ids: image nope is not in the test set" in bad.stderr
+
+
+def small_run(tmp, out, *extra, epochs=2, runner=None):
+    cmd = (runner or [sys.executable]) + ["train.py", "--data", str(tmp / "syn"), "--out", str(tmp / out), "--cache-dir",
+                                         str(tmp / "cache"), "--epochs", str(epochs), "--batch-size", "8", "--res", "28",
+                                         "--bootstrap", "0", *extra]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def final_weights(folder, role):
+    run_dir = next(d for d in os.listdir(folder) if d.startswith(role))
+    return torch.load(os.path.join(folder, run_dir, "last.pt"), map_location="cpu", weights_only=True)["model"]
+
+
+def test_two_gloo_processes_agree_with_one_at_the_same_global_batch(tiny):
+    tmp, _, _ = tiny
+    one = small_run(tmp, "one")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--data",
+           str(tmp / "syn"), "--out", str(tmp / "two"), "--cache-dir", str(tmp / "cache"), "--epochs", "2",
+           "--batch-size", "8", "--res", "28", "--bootstrap", "0"]
+    two = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert two.stdout.count("teacher epoch 2:") == 1  # rank 0 alone logs
+    for role in ("teacher", "student"):
+        a, b = final_weights(tmp / "one", role), final_weights(tmp / "two", role)
+        assert a.keys() == b.keys()
+        for k in a:  # the same images per step; only the order of floating-point sums differs
+            torch.testing.assert_close(a[k], b[k], atol=1e-3, rtol=1e-3)
+    for row in ("mean local AUROC", "normal/abnormal AUROC"):
+        for x, y in zip(table_row(one, row), table_row(two.stdout, row)):
+            assert abs(x - y) <= 0.02
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tiny):
+    tmp, _, _ = tiny
+    cmd = [sys.executable, "train.py", "--data", str(tmp / "syn"), "--out", str(tmp / "killed"), "--cache-dir",
+           str(tmp / "cache"), "--epochs", "3", "--batch-size", "8", "--res", "28", "--bootstrap", "0"]
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("teacher epoch 2/3"):  # in the middle of the teacher's second epoch
+            process.kill()
+            break
+    process.wait()
+    assert torch.load(os.path.join(tmp / "killed", os.listdir(tmp / "killed")[0], "last.pt"), weights_only=True)["epoch"] == 1
+    resumed = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600).stdout
+    assert "teacher: resuming" in resumed and "after epoch 1" in resumed
+    small_run(tmp, "straight", epochs=3)
+    for role in ("teacher", "student"):
+        a, b = final_weights(tmp / "killed", role), final_weights(tmp / "straight", role)
+        assert all(torch.equal(a[k], b[k]) for k in a), role  # bitwise: CPU kernels are deterministic here
+
+
+def test_init_from_a_timm_named_rgb_checkpoint(tiny, tmp_path):
+    tmp, _, _ = tiny
+    from vit import VARIANTS, ViTConfig, VisionTransformer
+    rgb = VisionTransformer(ViTConfig(in_chans=3, img_size=448, **{**VARIANTS["vit_cpu"]}))  # a 14 x 14 grid
+    state = {k: v for k, v in rgb.state_dict().items() if not k.startswith("head_")}
+    state["head.weight"], state["head.bias"] = torch.randn(1000, 96), torch.randn(1000)
+    torch.save({"model": state}, tmp_path / "timm_vit.pth")
+    out = small_run(tmp, "init", "--init", str(tmp_path / "timm_vit.pth"), "--no-kd", epochs=1)
+    assert "init:" in out and "'pos_embed'" in out and "'patch_embed.proj.weight'" in out and "'head.weight'" in out
+    torch.save({"conv1.weight": torch.randn(64, 3, 7, 7)}, tmp_path / "resnet.pth")
+    cmd = [sys.executable, "train.py", "--data", str(tmp / "syn"), "--out", str(tmp / "cnn"), "--cache-dir",
+           str(tmp / "cache"), "--init", str(tmp_path / "resnet.pth"), "--no-kd"]
+    bad = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0
+    assert "resnet.pth: not a timm/DeiT ViT state_dict" in bad.stderr
+
+
+def test_amp_and_compile_run_and_save_clean_keys(tiny):
+    tmp, _, _ = tiny
+    try:
+        torch.compile(torch.nn.Linear(2, 2))(torch.randn(1, 2))
+    except Exception as err:  # no compiler toolchain on this machine
+        pytest.skip(f"torch.compile cannot run here: {err}")
+    small_run(tmp, "compiled", "--amp", "--compile", "--no-kd", epochs=1)
+    keys = final_weights(tmp / "compiled", "student")
+    assert "pos_embed" in keys and not any(k.startswith(("_orig_mod.", "module.")) for k in keys)

@@ -45,24 +45,43 @@ def test_vit_tiny_state_dict_has_timm_keys_and_shapes():
     assert ours == {**timm_vit_tiny_shapes(in_chans=1), **heads}
 
 
-def test_timm_rgb_state_dict_loads_after_conversion():
-    cfg = small_cfg()
-    model = VisionTransformer(cfg)
+def test_timm_rgb_state_dict_loads_and_matches_the_rgb_model_on_a_gray_image():
+    torch.manual_seed(0)
     # a timm-named RGB checkpoint trained at another size (8 x 8 grid), with an ImageNet head
-    timm_like = {k: torch.randn(v.shape) for k, v in model.state_dict().items() if not k.startswith("head_")}
-    timm_like["patch_embed.proj.weight"] = torch.randn(24, 3, 8, 8)
-    timm_like["pos_embed"] = torch.randn(1, 1 + 64, 24)
+    rgb = VisionTransformer(small_cfg(in_chans=3, img_size=64)).eval()
+    timm_like = {k: v for k, v in rgb.state_dict().items() if not k.startswith("head_")}
+    timm_like["patch_embed.proj.bias"] = torch.randn(24)
     timm_like["head.weight"], timm_like["head.bias"] = torch.randn(1000, 24), torch.randn(1000)
-    converted, report = adapt_timm_state_dict(timm_like, model)
-    missing, unexpected = model.load_state_dict(converted, strict=False)
+    rgb.load_state_dict(timm_like, strict=False)
+    gray = VisionTransformer(small_cfg(img_size=64)).eval()
+    converted, report = adapt_timm_state_dict(timm_like, gray, "imagenet", input_norm=(0.5, 0.25))
+    missing, unexpected = gray.load_state_dict(converted, strict=False)
     assert sorted(missing) == ["head_global.bias", "head_global.weight", "head_local.bias", "head_local.weight"]
     assert unexpected == []
-    assert sorted(report["converted"]) == ["patch_embed.proj.weight", "pos_embed"]
+    assert sorted(report["converted"]) == ["patch_embed.proj.bias", "patch_embed.proj.weight"]
     assert sorted(report["skipped"]) == ["head.bias", "head.weight"]
-    torch.testing.assert_close(model.patch_embed.proj.weight, timm_like["patch_embed.proj.weight"].sum(1, keepdim=True))
-    torch.testing.assert_close(model.blocks[1].attn.qkv.weight, timm_like["blocks.1.attn.qkv.weight"])
-    local, glob, _ = model(torch.randn(2, 1, 32, 32))
-    assert torch.isfinite(local).all() and glob.shape == (2, 2)
+    gray.head_local.load_state_dict(rgb.head_local.state_dict()), gray.head_global.load_state_dict(rgb.head_global.state_dict())
+    g = torch.rand(2, 1, 64, 64)
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    with torch.no_grad():
+        ours = gray((g - 0.5) / 0.25)  # our normalization, folded into the patch embedding
+        theirs = rgb((g.expand(-1, 3, -1, -1) - mean) / std)  # the checkpoint's own normalization, on (g, g, g)
+    torch.testing.assert_close(ours[0], theirs[0], atol=1e-4, rtol=1e-4)
+    # at another grid, pos_embed is resampled and the model still runs
+    small = VisionTransformer(small_cfg())
+    converted, report = adapt_timm_state_dict(timm_like, small)
+    assert "pos_embed" in report["converted"] and converted["pos_embed"].shape == (1, 17, 24)
+    small.load_state_dict(converted, strict=False)
+    assert torch.isfinite(small(torch.randn(2, 1, 32, 32))[0]).all()
+
+
+def test_a_checkpoint_of_another_width_or_a_cnn_fails_clearly():
+    model = VisionTransformer(small_cfg())
+    wider = VisionTransformer(small_cfg(embed_dim=48, num_heads=3)).state_dict()
+    with pytest.raises(ValueError, match=r"checkpoint does not fit this model: \S+ is \(.*48\), the model has"):
+        adapt_timm_state_dict(wider, model)
+    with pytest.raises(ValueError, match="not a timm/DeiT ViT state_dict"):
+        adapt_timm_state_dict({"conv1.weight": torch.randn(64, 3, 7, 7), "fc.weight": torch.randn(1000, 2048)}, model)
 
 
 def test_forward_shapes_and_attention_rows_sum_to_one():
