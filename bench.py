@@ -1,0 +1,171 @@
+"""
+Speed of the hand-written ViT and of an MLCAK step, measured in one process on one machine.
+
+    python bench.py                                   # CPU: vit_cpu and vit_tiny at 224
+    python bench.py --device cuda --amp --batch-size 128
+
+Prints images per second for: our ViT's training step on the explicit-attention path and the fused path, and
+inference, against a reference ViT of the same size built from PyTorch's nn.TransformerEncoderLayer; the MLCAK
+student step (student forward and backward with attention, plus the frozen teacher's forward) against a plain
+student step; the cached data loader against the training step. It also prints the achieved GFLOP/s of the
+training step next to this machine's matrix-multiply peak, measured here too.
+"""
+
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from mlcak import joint_loss
+from vit import VARIANTS, ViTConfig, VisionTransformer
+
+
+class ReferenceViT(nn.Module):
+    """The same ViT from PyTorch's own modules (pre-norm TransformerEncoderLayer, GELU): the speed to match."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.embed_dim
+        self.patch_embed = nn.Conv2d(cfg.in_chans, D, cfg.patch_size, cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (cfg.img_size // cfg.patch_size) ** 2, D))
+        layer = nn.TransformerEncoderLayer(D, cfg.num_heads, int(D * cfg.mlp_ratio), dropout=0.0, activation="gelu",
+                                           layer_norm_eps=1e-6, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.head_local, self.head_global = nn.Linear(D, cfg.num_local), nn.Linear(D, cfg.num_global)
+
+    def forward(self, x, return_attn=False):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, D, g, g) -> (B, N, D)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        x = self.norm(self.blocks(x))[:, 0]
+        return self.head_local(x), self.head_global(x), []
+
+
+def train_flops_per_image(cfg):
+    """Multiply-adds x 2 of one forward, x 3 for forward and backward (the usual estimate)."""
+    T, D, g = 1 + (cfg.img_size // cfg.patch_size) ** 2, cfg.embed_dim, cfg.img_size // cfg.patch_size
+    hidden = int(D * cfg.mlp_ratio)
+    per_block = T * D * 3 * D + 2 * T * T * D + T * D * D + 2 * T * D * hidden
+    forward = g * g * cfg.patch_size ** 2 * cfg.in_chans * D + cfg.depth * per_block
+    return 3 * 2 * forward
+
+
+def timed(fn, steps, device, warmup=2):
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def matmul_peak(device, n=2048, dtype=torch.float32):
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    seconds = timed(lambda: a @ b, 5, device)
+    return 2 * n ** 3 / seconds / 1e9
+
+
+def bench_variant(name, args, device):
+    cfg = ViTConfig(**VARIANTS[name])
+    B, rows = args.batch_size, {}
+    x = torch.randn(B, 1, cfg.img_size, cfg.img_size, device=device)
+    targets = (torch.randint(0, 2, (B, cfg.num_local), device=device).float(), torch.randint(0, 2, (B,), device=device))
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+
+    def train_step(model, opt, return_attn, teacher=None):
+        def step():
+            with autocast():
+                teacher_out = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_out = teacher(x, return_attn=True)
+                loss, _ = joint_loss(model(x, return_attn=return_attn), targets, teacher_out)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+
+    def infer(model, return_attn):
+        def step():
+            with torch.no_grad(), autocast():
+                model(x, return_attn=return_attn)
+        return step
+
+    ours, reference = VisionTransformer(cfg).to(device), ReferenceViT(cfg).to(device)
+    teacher = VisionTransformer(cfg).to(device).eval()
+    opt_ours, opt_ref = torch.optim.AdamW(ours.parameters()), torch.optim.AdamW(reference.parameters())
+    rate = lambda fn: B / timed(fn, args.steps, device)
+    rows["train, ours explicit attention"] = rate(train_step(ours, opt_ours, True))
+    rows["train, ours fused attention"] = rate(train_step(ours, opt_ours, False))
+    rows["train, reference (nn.TransformerEncoderLayer)"] = rate(train_step(reference, opt_ref, False))
+    ours.eval(), reference.eval()
+    rows["inference, ours fused"] = rate(infer(ours, False))
+    rows["inference, ours explicit (attention returned)"] = rate(infer(ours, True))
+    rows["inference, reference"] = rate(infer(reference, False))
+    ours.train()
+    rows["student step, MLCAK (attention + frozen teacher)"] = rate(train_step(ours, opt_ours, True, teacher))
+    rows["student step, plain (L_cls, fused)"] = rate(train_step(ours, opt_ours, False))
+    return cfg, rows
+
+
+def bench_loader(args, device):
+    """Images per second out of the cached dataset through a DataLoader, as train.py reads it."""
+    folder = os.path.join(tempfile.gettempdir(), "mlcak-bench")
+    root = data.make_synthetic(os.path.join(folder, "synthetic"), n_train=256, n_test=2, verbose=False)
+    dataset = data.XrayDataset(data.build_cache(data.load_source(root, "train"), 224, os.path.join(folder, "cache"), verbose=False))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda", drop_last=True)
+    start, count = time.perf_counter(), 0
+    for _ in range(2):
+        for images, *_ in loader:
+            images.to(device, non_blocking=True)
+            count += len(images)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return count / (time.perf_counter() - start)
+
+
+def main():
+    p = argparse.ArgumentParser(description="Benchmark our ViT and the MLCAK step.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=["vit_cpu", "vit_tiny"], choices=sorted(VARIANTS), help="ViT variants to measure")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (after 2 warm-up steps)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--workers", type=int, default=0, help="data loader workers")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if args.amp else torch.float32
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    peak = matmul_peak(device, dtype=dtype)
+    print(f"device: {name}; torch {torch.__version__}; batch {args.batch_size}; {'bf16 autocast' if args.amp else 'fp32'}")
+    print(f"matmul peak (2048^3, {str(dtype)[6:]}): {peak:.0f} GFLOP/s")
+    loader = bench_loader(args, device)
+    for variant in args.variants:
+        cfg, rows = bench_variant(variant, args, device)
+        print(f"\n{variant} ({cfg.embed_dim} wide, {cfg.depth} layers, patch {cfg.patch_size}, {cfg.img_size} px)")
+        for label, value in rows.items():
+            print(f"  {label:<50} {value:>8.1f} img/s")
+        ref_train, ref_infer = rows["train, reference (nn.TransformerEncoderLayer)"], rows["inference, reference"]
+        print(f"  ratio explicit-attention train / reference train   {rows['train, ours explicit attention'] / ref_train:.2f}")
+        print(f"  ratio fused train / reference train                {rows['train, ours fused attention'] / ref_train:.2f}")
+        print(f"  ratio fused inference / reference inference        {rows['inference, ours fused'] / ref_infer:.2f}")
+        print(f"  ratio MLCAK step / plain step                      {rows['student step, MLCAK (attention + frozen teacher)'] / rows['student step, plain (L_cls, fused)']:.2f}")
+        print(f"  ratio data loader / fused train step               {loader / rows['train, ours fused attention']:.1f} (loader {loader:.0f} img/s)")
+        achieved = train_flops_per_image(cfg) * rows["train, ours fused attention"] / 1e9
+        print(f"  train step: {achieved:.0f} GFLOP/s = {achieved / peak:.0%} of the matmul peak")
+
+
+if __name__ == "__main__":
+    main()
