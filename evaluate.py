@@ -34,40 +34,32 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def tie_ranks(scores):
-    """(R, N) -> ranks 1..N along each row, tied scores sharing the mean of the ranks they span."""
-    order = np.argsort(scores, axis=1, kind="stable")
-    s = np.take_along_axis(scores, order, axis=1)
-    R, N = s.shape
-    position = np.broadcast_to(np.arange(N), (R, N))
-    starts_group = np.ones((R, N), bool)
-    starts_group[:, 1:] = s[:, 1:] != s[:, :-1]
-    ends_group = np.ones((R, N), bool)
-    ends_group[:, :-1] = starts_group[:, 1:]
-    first = np.maximum.accumulate(np.where(starts_group, position, 0), axis=1)           # group's first position
-    last = np.minimum.accumulate(np.where(ends_group, position, N - 1)[:, ::-1], axis=1)[:, ::-1]  # and its last
-    ranks = np.empty((R, N))
-    np.put_along_axis(ranks, order, (first + last) / 2 + 1, axis=1)
-    return ranks
-
-
-def auroc_rows(y_true, y_score):
+def auroc_rows(y_true, y_score, weights=None):
     """
-    AUROC of each row = P(score of a random positive > score of a random negative), ties counting 1/2,
-    from ranks (Mann-Whitney U): (sum of positive ranks - P(P+1)/2) / (P * Nneg). NaN for a row with one
-    class only (never 0 or 0.5, which would bias a mean). Rows are bootstrap resamples or labels.
+    AUROC = P(score of a random positive > score of a random negative), ties counting 1/2, for one score vector
+    and each row of weights (R, N): how many times each image counts (bootstrap resamples; once by default).
+    With the scores sorted into groups g of equal value, W+_g and W-_g the weights of positives and negatives:
+
+        AUROC = sum_g W+_g * (W-_{below g} + W-_g / 2) / (W+ * W-)
+
+    One sort serves every resample. NaN for a row with one class only (never 0 or 0.5, which would bias a mean).
     """
-    y_true, y_score = np.asarray(y_true).astype(bool), np.asarray(y_score, np.float64)
-    P = y_true.sum(axis=1)
-    Nneg = y_true.shape[1] - P
-    positive_ranks = (tie_ranks(y_score) * y_true).sum(axis=1)
+    y = np.asarray(y_true).astype(bool).ravel()
+    s = np.asarray(y_score, np.float64).ravel()
+    w = np.ones((1, len(s))) if weights is None else np.asarray(weights, np.float64)
+    order = np.argsort(s, kind="stable")
+    groups = np.r_[0, np.flatnonzero(np.diff(s[order])) + 1]  # where each run of tied scores starts
+    pos = np.add.reduceat(w[:, order] * y[order], groups, axis=1)  # (R, G)
+    neg = np.add.reduceat(w[:, order] * ~y[order], groups, axis=1)  # (R, G)
+    below = np.cumsum(neg, axis=1) - neg
+    P, Nneg = pos.sum(axis=1), neg.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where((P > 0) & (Nneg > 0), (positive_ranks - P * (P + 1) / 2) / (P * Nneg), np.nan)
+        return np.where((P > 0) & (Nneg > 0), (pos * (below + neg / 2)).sum(axis=1) / (P * Nneg), np.nan)
 
 
 def auroc(y_true, y_score):
     """AUROC of one score vector (see auroc_rows); NaN when y_true holds one class only."""
-    return float(auroc_rows(np.ravel(y_true)[None], np.ravel(y_score)[None])[0])
+    return float(auroc_rows(y_true, y_score)[0])
 
 
 def bootstrap(predictions, n_boot=1000, seed=0):
@@ -78,14 +70,15 @@ def bootstrap(predictions, n_boot=1000, seed=0):
     per model, on the same images in the same order.
     """
     n = len(predictions[0][3])
-    idx = np.random.default_rng(seed).integers(0, n, (n_boot, n))  # (R, N)
+    idx = np.random.default_rng(seed).integers(0, n, (n_boot, n))  # (R, N): the images of each resample
+    counts = np.bincount((np.arange(n_boot)[:, None] * n + idx).ravel(), minlength=n_boot * n).reshape(n_boot, n)
     out = []
     for local, abnormal, y_local, y_abnormal in predictions:
-        per_label = np.stack([auroc_rows(y_local[idx, k], local[idx, k]) for k in range(y_local.shape[1])], 1)  # (R, L)
+        per_label = np.stack([auroc_rows(y_local[:, k], local[:, k], counts) for k in range(y_local.shape[1])], 1)  # (R, L)
         with warnings.catch_warnings():  # a resample with no defined label gives NaN, on purpose
             warnings.simplefilter("ignore", RuntimeWarning)
             mean_local = np.nanmean(per_label, axis=1)
-        out.append(dict(mean_local_auroc=mean_local, normal_abnormal_auroc=auroc_rows(y_abnormal[idx], abnormal[idx]),
+        out.append(dict(mean_local_auroc=mean_local, normal_abnormal_auroc=auroc_rows(y_abnormal, abnormal, counts),
                         per_label=per_label))
     return out
 
