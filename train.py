@@ -7,6 +7,7 @@ Trains MLCAK (arXiv 2405.13370) in two stages and prints AUROC on the test set.
     python train.py --res 28                 # synthetic VinDr-style data (made on first use), CPU, a few minutes
     python train.py --res 28 --no-kd         # the baseline student: the same recipe with L_cls only
     python train.py --res 56                 # the teacher from the first run is reused
+    python train.py --res 112 56 28 --compare   # baseline and MLCAK at each resolution: the paper's table
     python train.py --data /data/vindr-cxr --model vit_small --device cuda --epochs 30 --batch-size 128 --res 28
 
 Several GPUs or machines (DistributedDataParallel; --batch-size stays the global batch):
