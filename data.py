@@ -106,7 +106,7 @@ def aggregate_readers(votes, n_readers, readers):
     raise DataError(f"--readers must be 'majority' or 'any', not '{readers}'")
 
 
-def read_boxes(path, ids, labels, split):
+def read_boxes(path, ids, labels):
     index, label_index = {i: n for n, i in enumerate(ids)}, {name: k for k, name in enumerate(labels)}
     rows = read_csv(path, ["image_id", "class_name", "x_min", "y_min", "x_max", "y_max"])
     boxes = [(index[r["image_id"]], label_index[r["class_name"]], *(float(r[c]) for c in ("x_min", "y_min", "x_max", "y_max")))
@@ -143,7 +143,7 @@ def load_vindr(root, split, readers):
              "labels; the local labels decide (normal = no local label positive)"]
     paths = [os.path.join(root, split, f"{i}.dicom") for i in ids]
     notes += check_files(paths, ids, os.path.join(root, split), path)
-    boxes = read_boxes(os.path.join(root, "annotations", f"annotations_{split}.csv"), ids, LOCAL_LABELS, split)
+    boxes = read_boxes(os.path.join(root, "annotations", f"annotations_{split}.csv"), ids, LOCAL_LABELS)
     return Source("vindr", split, ids, paths, list(LOCAL_LABELS), local, abnormal, boxes, notes)
 
 
@@ -166,7 +166,7 @@ def load_kaggle(root, split, readers, test_fraction=0.2):
     local = aggregate_readers(votes, np.array([len(s) for s in reader_sets], float), readers)
     paths = [os.path.join(root, "train", f"{i}.dicom") for i in ids]
     check_files(paths, ids, os.path.join(root, "train"), path)  # the other split's files are on disk too
-    boxes = read_boxes(path, ids, KAGGLE_LABELS, split)
+    boxes = read_boxes(path, ids, KAGGLE_LABELS)
     note = f"{split}: {len(ids)} images, the {split} part of a split by sha1(image_id) ({test_fraction:.0%} test)"
     return Source("kaggle", split, ids, paths, list(KAGGLE_LABELS), local, local.any(1).astype(np.uint8), boxes, [note])
 
