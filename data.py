@@ -106,11 +106,15 @@ def aggregate_readers(votes, n_readers, readers):
     raise DataError(f"--readers must be 'majority' or 'any', not '{readers}'")
 
 
-def read_boxes(path, ids, labels):
+def read_boxes(path, ids, labels, notes):
+    """Boxes of the known local labels, for the images in ids; classes outside the label set are counted in notes."""
     index, label_index = {i: n for n, i in enumerate(ids)}, {name: k for k, name in enumerate(labels)}
-    rows = read_csv(path, ["image_id", "class_name", "x_min", "y_min", "x_max", "y_max"])
+    rows = [r for r in read_csv(path, ["image_id", "class_name", "x_min", "y_min", "x_max", "y_max"]) if r["image_id"] in index]
+    other = sorted({r["class_name"] for r in rows} - set(label_index) - {"No finding"})
+    if other:
+        notes.append(f"{path}: boxes of {len(other)} class(es) outside the label set not used: {', '.join(other)}")
     boxes = [(index[r["image_id"]], label_index[r["class_name"]], *(float(r[c]) for c in ("x_min", "y_min", "x_max", "y_max")))
-             for r in rows if r["image_id"] in index and r["class_name"] in label_index and r["x_min"] != ""]
+             for r in rows if r["class_name"] in label_index and r["x_min"] != ""]
     return np.array(boxes, np.float32).reshape(-1, 6)
 
 
@@ -143,7 +147,7 @@ def load_vindr(root, split, readers):
              "labels; the local labels decide (normal = no local label positive)"]
     paths = [os.path.join(root, split, f"{i}.dicom") for i in ids]
     notes += check_files(paths, ids, os.path.join(root, split), path)
-    boxes = read_boxes(os.path.join(root, "annotations", f"annotations_{split}.csv"), ids, LOCAL_LABELS)
+    boxes = read_boxes(os.path.join(root, "annotations", f"annotations_{split}.csv"), ids, LOCAL_LABELS, notes)
     return Source("vindr", split, ids, paths, list(LOCAL_LABELS), local, abnormal, boxes, notes)
 
 
@@ -166,9 +170,9 @@ def load_kaggle(root, split, readers, test_fraction=0.2):
     local = aggregate_readers(votes, np.array([len(s) for s in reader_sets], float), readers)
     paths = [os.path.join(root, "train", f"{i}.dicom") for i in ids]
     check_files(paths, ids, os.path.join(root, "train"), path)  # the other split's files are on disk too
-    boxes = read_boxes(path, ids, KAGGLE_LABELS)
-    note = f"{split}: {len(ids)} images, the {split} part of a split by sha1(image_id) ({test_fraction:.0%} test)"
-    return Source("kaggle", split, ids, paths, list(KAGGLE_LABELS), local, local.any(1).astype(np.uint8), boxes, [note])
+    notes = [f"{split}: {len(ids)} images, the {split} part of a split by sha1(image_id) ({test_fraction:.0%} test)"]
+    boxes = read_boxes(path, ids, KAGGLE_LABELS, notes)
+    return Source("kaggle", split, ids, paths, list(KAGGLE_LABELS), local, local.any(1).astype(np.uint8), boxes, notes)
 
 
 def load_csv_dataset(path, split, test_fraction=0.2):

@@ -96,7 +96,8 @@ def vindr_folder(root, test_other="Other disease"):
                [row(["t"], {"Pleural effusion"}, 0)])
     box_header = ["class_name", "x_min", "y_min", "x_max", "y_max"]
     write_rows(root / "annotations" / "annotations_train.csv", ["image_id", "rad_id"] + box_header, [
-        ["a", "R1", "Cardiomegaly", 10, 20, 30, 40], ["a", "R3", "No finding", "", "", "", ""]])
+        ["a", "R1", "Cardiomegaly", 10, 20, 30, 40], ["a", "R3", "No finding", "", "", "", ""],
+        ["b", "R4", "Cardiomegally", 1, 2, 3, 4]])  # a misspelt class: not a box, but not dropped silently
     write_rows(root / "annotations" / "annotations_test.csv", ["image_id"] + box_header,
                [["t", "Pleural effusion", 0, 50, 40, 60]])
     for split, ids in (("train", "ab"), ("test", "t")):
@@ -119,6 +120,7 @@ def test_vindr_readers_majority_and_any(tmp_path):
     # b: normal by its local labels, but only one of three readers said 'No finding': counted, not hidden
     assert any(note.startswith("train: 1 of 2 images") for note in major.notes)
     np.testing.assert_array_equal(major.boxes, [[0, col["Cardiomegaly"], 10, 20, 30, 40]])
+    assert any("outside the label set not used: Cardiomegally" in note for note in major.notes)
 
 
 @pytest.mark.parametrize("spelling", ["Other disease", "Other diseases"])
