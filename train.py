@@ -19,6 +19,7 @@ Each model gets a run folder under --out with best.pt (by validation mean local 
 dicts of tensors and values, loadable with torch.load(path, weights_only=True).
 """
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -41,7 +42,7 @@ NORM = (0.5, 0.25)  # input normalization, (x - mean) / std, saved with every ch
 
 def parse_args(argv=None):
     p = evaluate.Parser(description="Train an MLCAK teacher (HR) and student (LR) ViT.",
-                        formatter_class=evaluate.argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--res", type=int, nargs="+", default=[28], help="student resolution(s): 112, 56, 28 or any value from 8 to --img-size")
     p.add_argument("--data", help="VinDr-CXR folder, Kaggle VinBigData folder or CSV file (default: synthetic VinDr-style data in data/synthetic)")
     p.add_argument("--model", default="vit_cpu", choices=sorted(VARIANTS), help="ViT variant for teacher and student")
@@ -95,8 +96,8 @@ def save_checkpoint(path, **content):
     os.replace(path + ".tmp", path)
 
 
-def prepare_data(args, verbose=True):
-    say = print if verbose else (lambda *a, **k: None)
+def prepare_data(args, say=print):
+    verbose = say is print
     path = args.data
     if path is None:
         path = data.make_synthetic(os.path.join(data.DEFAULT_DATA, "synthetic"), verbose=verbose)
@@ -278,7 +279,8 @@ def main(argv=None):
     ddp = Ddp(evaluate.device_from(args.device))
     if not ddp.master:
         ddp.barrier()  # rank 0 makes the data and the caches first; the others then read them
-    train_set, val_set, test_set, info = prepare_data(args, verbose=ddp.master)
+    say = print if ddp.master else (lambda *a, **k: None)  # rank 0 alone talks
+    train_set, val_set, test_set, info = prepare_data(args, say)
     if ddp.master:
         ddp.barrier()
     cfg = ViTConfig(img_size=args.img_size, num_local=len(train_set.label_names), **VARIANTS[args.model])
@@ -286,7 +288,6 @@ def main(argv=None):
     teacher_dir = run_dirs(args, info, teacher_key, None)["teacher"]
     teacher_path = args.teacher or os.path.join(teacher_dir, "best.pt")
     methods = ["baseline", "mlcak"] if args.compare else ["baseline"] if args.no_kd else ["mlcak"]
-    say = print if ddp.master else (lambda *a, **k: None)
     if "mlcak" in methods:
         if args.teacher or finished(teacher_dir, args.epochs):
             say(f"teacher: reusing {teacher_path}")
