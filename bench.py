@@ -22,16 +22,19 @@ import torch.nn.functional as F
 
 import data
 from mlcak import joint_loss
-from vit import VARIANTS, ViTConfig, VisionTransformer
+from vit import VARIANTS, PatchEmbed, ViTConfig, VisionTransformer
 
 
 class ReferenceViT(nn.Module):
-    """The same ViT from PyTorch's own modules (pre-norm TransformerEncoderLayer, GELU): the speed to match."""
+    """
+    The same ViT with PyTorch's own blocks (pre-norm TransformerEncoderLayer, GELU): the speed to match. The patch
+    embedding (and any convolutional stem) is ours in both, so the comparison is about the transformer.
+    """
 
     def __init__(self, cfg):
         super().__init__()
-        D = cfg.embed_dim
-        self.patch_embed = nn.Conv2d(cfg.in_chans, D, cfg.patch_size, cfg.patch_size)
+        D, self.pool = cfg.embed_dim, cfg.global_pool
+        self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (cfg.img_size // cfg.patch_size) ** 2, D))
         layer = nn.TransformerEncoderLayer(D, cfg.num_heads, int(D * cfg.mlp_ratio), dropout=0.0, activation="gelu",
@@ -41,9 +44,10 @@ class ReferenceViT(nn.Module):
         self.head_local, self.head_global = nn.Linear(D, cfg.num_local), nn.Linear(D, cfg.num_global)
 
     def forward(self, x, return_attn=False):
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, D, g, g) -> (B, N, D)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
-        x = self.norm(self.blocks(x))[:, 0]
+        x = self.patch_embed(x)  # (B, N, D)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed  # (B, T, D)
+        x = self.norm(self.blocks(x))
+        x = x[:, 0] if self.pool == "token" else x[:, 1:].amax(dim=1)  # (B, D)
         return self.head_local(x), self.head_global(x), []
 
 
@@ -52,7 +56,14 @@ def train_flops_per_image(cfg):
     T, D, g = 1 + (cfg.img_size // cfg.patch_size) ** 2, cfg.embed_dim, cfg.img_size // cfg.patch_size
     hidden = int(D * cfg.mlp_ratio)
     per_block = T * D * 3 * D + 2 * T * T * D + T * D * D + 2 * T * D * hidden
-    forward = g * g * cfg.patch_size ** 2 * cfg.in_chans * D + cfg.depth * per_block
+    side, chans, embed = cfg.img_size, cfg.in_chans, 0
+    for i, width in enumerate(cfg.stem_chans):  # the convolutional stem, if any: 4 x 4 then 2 x 2 kernels
+        k = 4 if i == 0 else 2
+        side //= k
+        embed += side * side * width * chans * k * k
+        chans = width
+    embed += g * g * D * chans * (side // g) ** 2  # the patch projection
+    forward = embed + cfg.depth * per_block
     return 3 * 2 * forward
 
 
@@ -154,7 +165,9 @@ def main():
     loader = bench_loader(args, device)
     for variant in args.variants:
         cfg, rows = bench_variant(variant, args, device)
-        print(f"\n{variant} ({cfg.embed_dim} wide, {cfg.depth} layers, patch {cfg.patch_size}, {cfg.img_size} px)")
+        stem = f", stem {'-'.join(map(str, cfg.stem_chans))}" if cfg.stem_chans else ""
+        print(f"\n{variant} ({cfg.embed_dim} wide, {cfg.depth} layers, patch {cfg.patch_size}{stem}, {cfg.img_size} px, "
+              f"{cfg.global_pool} pooling)")
         for label, value in rows.items():
             print(f"  {label:<50} {value:>8.1f} img/s")
         ref_train, ref_infer = rows["train, reference (nn.TransformerEncoderLayer)"], rows["inference, reference"]

@@ -405,7 +405,7 @@ class XrayDataset(torch.utils.data.Dataset):
 
 # ---------------------------------------------------------------------------------------------- synthetic default
 
-# 'coarse' findings stay visible at 28 x 28; 'fine' ones (a few pixels wide, or faint texture) only at high
+# 'coarse' findings stay visible at 28 x 28; 'fine' ones (a few pixels wide, with zero local mean) only at high
 # resolution, so that a low-resolution baseline falls below the teacher and distillation has something to pass on.
 COARSE = {"Aortic enlargement", "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Emphysema",
           "Enlarged PA", "Infiltration", "Lung Opacity", "Mediastinal shift", "Pleural effusion"}
@@ -421,6 +421,12 @@ def _segment(Y, X, y0, x0, y1, x1, width):
     dy, dx = y1 - y0, x1 - x0
     t = np.clip(((Y - y0) * dy + (X - x0) * dx) / (dy * dy + dx * dx), 0, 1)
     return np.exp(-(((Y - y0 - t * dy) ** 2 + (X - x0 - t * dx) ** 2) / width ** 2))
+
+
+def _fine(d, sigma, dims=1):
+    """A structure of width sigma pixels at distance d (pixels) with zero local mean (a difference of Gaussians),
+    as unsharp masking leaves small structures on a processed radiograph: averaging over 8 x 8 pixels erases it."""
+    return np.exp(-d ** 2 / (2 * sigma ** 2)) - 0.5 ** dims * np.exp(-d ** 2 / (8 * sigma ** 2))
 
 
 def synthetic_chest(rng, h, w, labels):
@@ -462,31 +468,41 @@ def synthetic_chest(rng, h, w, labels):
         if label == "Aortic enlargement":
             cy, cx, ry = 0.26 + dy, mid + 0.06, 0.045 * r
             img += 0.22 * a * _ellipse(Y, X, cy, cx, ry, ry); box = (cx - ry, cy - ry, cx + ry, cy + ry)
-        elif label in ("Atelectasis", "Consolidation", "Lung Opacity", "Nodule/Mass", "Other lesion"):
+        elif label in ("Atelectasis", "Consolidation", "Lung Opacity"):
             ry, rx, amp = {"Atelectasis": (0.022, 0.07, 0.22), "Consolidation": (0.08, 0.07, 0.25),
-                           "Lung Opacity": (0.05, 0.05, 0.18), "Nodule/Mass": (4 * U, 4 * U, 0.35),
-                           "Other lesion": (2.5 * U, 5 * U, 0.35)}[label]
+                           "Lung Opacity": (0.05, 0.05, 0.18)}[label]
             cy, cx, _ = lung_point()
             img += amp * a * _ellipse(Y, X, cy, cx, ry * r, rx * r, soft=0.15); box = (cx - rx * r, cy - ry * r, cx + rx * r, cy + ry * r)
-        elif label == "Calcification":
+        elif label in ("Nodule/Mass", "Calcification", "Other lesion", "Lung cavity", "Lung cyst"):
+            count, spread, sigma, amp, ring = {  # ring: radius in pixels of a ring-shaped wall, 0 for a dot
+                "Nodule/Mass": (5, 0.05, 1.6, 0.5, 0), "Calcification": (10, 0.04, 0.8, 0.9, 0),
+                "Other lesion": (6, 0.03, 1.2, 0.6, 0), "Lung cavity": (2, 0.04, 1.0, 0.6, 5),
+                "Lung cyst": (3, 0.05, 0.7, 0.6, 3.5)}[label]
             cy, cx, _ = lung_point()
-            dots = [(cy + rng.uniform(-0.02, 0.02), cx + rng.uniform(-0.02, 0.02)) for _ in range(3)]
-            for py, px in dots:
-                img += 0.6 * a * _ellipse(Y, X, py, px, 1.3 * U, 1.3 * U, soft=0.2)
-            ys, xs = [d[0] for d in dots], [d[1] for d in dots]
-            box = (min(xs) - 3 * U, min(ys) - 3 * U, max(xs) + 3 * U, max(ys) + 3 * U)
+            pts = [(cy + rng.uniform(-spread, spread), cx + rng.uniform(-spread, spread)) for _ in range(count)]
+            for py, px in pts:
+                d = np.sqrt((Y - py) ** 2 + (X - px) ** 2) / U
+                img += amp * a * (_fine(d - ring, sigma) if ring else _fine(d, sigma, dims=2))
+            ys, xs = [p[0] for p in pts], [p[1] for p in pts]
+            m = (ring + 4 * sigma + 1) * U
+            box = (min(xs) - m, min(ys) - m, max(xs) + m, max(ys) + m)
         elif label == "Cardiomegaly":
             cy, cx, ry, rx = 0.61 + dy, mid + 0.05, 0.13 * s * heart, 0.15 * s * heart
             box = (cx - rx, cy - ry, cx + rx, cy + ry)
         elif label in ("Clavicle fracture", "Rib fracture"):
             if label == "Clavicle fracture":
                 y0, x0, y1, x1 = clavicles[rng.integers(2)]
-                t = rng.uniform(0.4, 0.8); cy, cx = y0 + t * (y1 - y0), x0 + t * (x1 - x0)
+                t = rng.uniform(0.4, 0.8); sites = [(y0 + t * (y1 - y0), x0 + t * (x1 - x0))]
             else:
                 cx = mid + rng.choice([-1, 1]) * rng.uniform(0.12, 0.3)
-                cy = ribs[rng.integers(2, 7)] + 0.09 * ((cx - 0.5 - dx) / 0.4) ** 2
-            img -= 0.3 * a * _segment(Y, X, cy - 0.02, cx - 0.004, cy + 0.02, cx + 0.004, 0.8 * U)
-            box = (cx - 6 * U, cy - 6 * U, cx + 6 * U, cy + 6 * U)
+                k = rng.integers(2, 5)
+                sites = [(ribs[j] + 0.09 * ((cx - 0.5 - dx) / 0.4) ** 2, cx) for j in range(k, k + 3)]
+            for cy, cx in sites:  # a dark line 0.04 long, nearly across the bone
+                t = np.clip(((Y - cy) * 0.02 + (X - cx) * 0.004) / (0.02 ** 2 + 0.004 ** 2), -1, 1)
+                d = np.sqrt((Y - cy - t * 0.02) ** 2 + (X - cx - t * 0.004) ** 2) / U
+                img -= 0.5 * a * _fine(d, 0.8)
+            ys, xs = [p[0] for p in sites], [p[1] for p in sites]
+            box = (min(xs) - 7 * U, min(ys) - 0.02 - 4 * U, max(xs) + 7 * U, max(ys) + 0.02 + 4 * U)
         elif label == "Edema":
             for _, cx in lungs:
                 img += 0.12 * a * _ellipse(Y, X, 0.45 + dy, 0.5 + dx + 0.55 * (cx - 0.5 - dx), 0.12, 0.09, soft=0.15)
@@ -499,18 +515,13 @@ def synthetic_chest(rng, h, w, labels):
         elif label == "ILD":
             lung, cx = lungs[rng.integers(2)]
             zone = lung * (Y > 0.5 + dy) * (np.abs(X - cx) < 0.1)
-            grid = (np.sin(2 * np.pi * X / (3.5 * U)) * np.sin(2 * np.pi * Y / (3.5 * U))) > 0.5  # finer than 8 px
-            img += 0.2 * a * zone * grid; box = (cx - 0.1, 0.5 + dy, cx + 0.1, 0.78 + dy)
+            img += 0.15 * a * zone * np.sin(2 * np.pi * X / (4 * U)) * np.sin(2 * np.pi * Y / (4 * U))
+            box = (cx - 0.1, 0.5 + dy, cx + 0.1, 0.78 + dy)
         elif label == "Infiltration":
             cy, cx, _ = lung_point()
             for _ in range(3):
                 img += 0.14 * a * _ellipse(Y, X, cy + rng.uniform(-0.04, 0.04), cx + rng.uniform(-0.04, 0.04), 0.025, 0.025, soft=0.2)
             box = (cx - 0.07, cy - 0.07, cx + 0.07, cy + 0.07)
-        elif label in ("Lung cavity", "Lung cyst"):
-            cy, cx, _ = lung_point()
-            radius, wall = (5 * U, 1.5 * U) if label == "Lung cavity" else (4 * U, 0.8 * U)
-            d = np.sqrt((Y - cy) ** 2 + (X - cx) ** 2)
-            img += 0.4 * a * np.exp(-((d - radius) / wall) ** 2); box = (cx - radius - 2 * U, cy - radius - 2 * U, cx + radius + 2 * U, cy + radius + 2 * U)
         elif label == "Mediastinal shift":
             box = (mid - 0.07, 0.1, mid + 0.07, 0.66 + dy)
         elif label == "Pleural effusion":
@@ -522,16 +533,20 @@ def synthetic_chest(rng, h, w, labels):
             _, cx = lungs[rng.integers(2)]
             side = np.sign(cx - 0.5 - dx)
             edge = cx + side * 0.13 * s
-            y0 = rng.uniform(0.22, 0.45) + dy
-            width = 1.2 * U if label == "Pleural thickening" else 0.8 * U
-            img += 0.4 * a * _segment(Y, X, y0, edge, y0 + 0.12, edge + side * 0.01, width)
-            box = (min(edge, edge + side * 0.01) - 4 * U, y0 - 4 * U, max(edge, edge + side * 0.01) + 4 * U, y0 + 0.12 + 4 * U)
+            y0 = rng.uniform(0.22, 0.4) + dy
+            length, sigma = (0.12, 1.4) if label == "Pleural thickening" else (0.25, 0.8)
+            t = np.clip((Y - y0) / length, 0, 1)  # a line along the lung edge, bowed out by up to 0.03
+            d = np.where((Y >= y0) & (Y <= y0 + length), np.abs(X - edge - side * 0.03 * t * (1 - t) * 4) / U, np.inf)
+            img += 0.5 * a * _fine(d, sigma)
+            box = (edge - (side < 0) * 0.03 - 4 * U, y0 - 4 * U, edge + (side > 0) * 0.03 + 4 * U, y0 + length + 4 * U)
         elif label == "Pulmonary fibrosis":
             cy, cx, _ = lung_point()
-            for _ in range(3):
-                oy, ox, ang = rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03), rng.uniform(0, np.pi)
-                img += 0.35 * a * _segment(Y, X, cy + oy, cx + ox, cy + oy + 0.035 * np.sin(ang), cx + ox + 0.035 * np.cos(ang), 0.8 * U)
-            box = (cx - 0.07, cy - 0.07, cx + 0.07, cy + 0.07)
+            for _ in range(8):
+                oy, ox, ang = rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04), rng.uniform(0, np.pi)
+                y0, x0, y1, x1 = cy + oy, cx + ox, cy + oy + 0.03 * np.sin(ang), cx + ox + 0.03 * np.cos(ang)
+                t = np.clip(((Y - y0) * (y1 - y0) + (X - x0) * (x1 - x0)) / 0.03 ** 2, 0, 1)
+                img += 0.5 * a * _fine(np.sqrt((Y - y0 - t * (y1 - y0)) ** 2 + (X - x0 - t * (x1 - x0)) ** 2) / U, 0.7)
+            box = (cx - 0.08, cy - 0.08, cx + 0.08, cy + 0.08)
         boxes.append((label, *np.clip(box, 0, 1)))
     img = np.clip(img + quantum_noise, 0, 1) ** exposure  # contrast varies between machines
     return img.astype(np.float32), boxes

@@ -141,14 +141,19 @@ def metrics(local, abnormal, y_local, y_abnormal, label_names):
 # ------------------------------------------------------------------------------------- attention as explanation
 
 @torch.no_grad()
-def class_token_maps(model, dataset, rows, res, norm, device, batch_size=32):
-    """The class-token row of MLCAK for the given cache rows, as (n, g, g) maps that sum to 1 over the patches."""
+def attention_maps(model, dataset, rows, res, norm, device, batch_size=32):
+    """
+    Where the model looks, from MLCAK, for the given cache rows: the class token's row when the heads read the
+    class token, else (max pooling over patches) the attention each patch receives from the patches, averaged.
+    Returns (n, g, g) maps that sum to 1 over the patches.
+    """
     model.eval()
     g, out = model.patch_embed.grid_size, []
     for start in range(0, len(rows), batch_size):
         images = torch.stack([dataset.image(int(n)) for n in rows[start:start + batch_size]]).to(device)
         _, _, attentions = model(model_input(images, res, norm), return_attn=True)
-        row = mlcak_map(attentions)[:, 0, 1:]  # (B, T, T) -> (B, N): class token's attention to each patch
+        H = mlcak_map(attentions)              # (B, T, T)
+        row = H[:, 0, 1:] if model.cfg.global_pool == "token" else H[:, 1:, 1:].mean(1)  # (B, N)
         out.append((row / row.sum(1, keepdim=True)).reshape(-1, g, g).float().cpu())  # (B, N) -> (B, g, g)
     return torch.cat(out) if out else torch.zeros(0, g, g)
 
@@ -185,7 +190,7 @@ def localization(maps, masks):
 def localization_score(model, ckpt, dataset, device):
     rows = [int(n) for n in dataset.indices if len(dataset.boxes(int(n)))]
     size = dataset.meta["size"]
-    maps = upsample(class_token_maps(model, dataset, rows, ckpt["res"], ckpt["norm"], device), size)
+    maps = upsample(attention_maps(model, dataset, rows, ckpt["res"], ckpt["norm"], device), size)
     return localization(maps, [box_mask(dataset.boxes(n), size) for n in rows])
 
 
@@ -221,7 +226,7 @@ def write_figures(folder, dataset, loaded, rows, device):
     """One PNG per test image (input, then each checkpoint's map), and overview.png stacking them all."""
     os.makedirs(folder, exist_ok=True)
     size = dataset.meta["size"]
-    maps = [upsample(class_token_maps(m, dataset, rows, c["res"], c["norm"], device), size) for m, c in loaded]
+    maps = [upsample(attention_maps(m, dataset, rows, c["res"], c["norm"], device), size) for m, c in loaded]
     figures = []
     for k, n in enumerate(rows):
         hr, boxes = dataset.image(n), dataset.boxes(n)

@@ -7,7 +7,7 @@ low-resolution ViT student, with two tasks at once (Akhter, Ranjan, Singh, Vatsa
 
     L_joint = L_KD + L_cls
     L_cls   = BCE(z_local, y_local) + CE(z_global, y_global)
-    L_KD    = alpha * MSE(z_local^S, z_local^T) + beta * MSE(z_global^S, z_global^T)
+    L_KD    = alpha * MSE(sigmoid(z_local^S), sigmoid(z_local^T)) + beta * MSE(softmax(z_global^S), softmax(z_global^T))
               + gamma * MSE(MLCAK^S, MLCAK^T)
     MLCAK   = (1/N) * sum_i H_i        H_i: layer i's attention averaged over its heads
 
@@ -83,8 +83,12 @@ def attention_kd_loss(student_attentions, teacher_attentions, layers=None):
 def joint_loss(student_out, targets, teacher_out=None, alpha=1.0, beta=1.0, gamma=1000.0, layers=None):
     """
     L_joint = L_KD + L_cls
-    L_KD    = alpha * MSE(z_local^S, z_local^T) + beta * MSE(z_global^S, z_global^T) + gamma * MSE(MLCAK^S, MLCAK^T)
+    L_KD    = alpha * MSE(p_local^S, p_local^T) + beta * MSE(p_global^S, p_global^T) + gamma * MSE(MLCAK^S, MLCAK^T)
+    p_local = sigmoid(z_local), p_global = softmax(z_global)
 
+    The task terms compare probabilities, not logits: a confident teacher's logits reach |z| ~ 10, and their MSE
+    (10 to 30 times L_cls in the default run) spent the student's effort on saturated tails that change no
+    prediction; probabilities weight the region where the decision is made (README, "Our reading").
     student_out, teacher_out: (local_logits, global_logits, attentions) from the models' forward.
     targets: (local_targets (B, L), global_targets (B,)).
     teacher_out None gives the baseline, L_cls alone. gamma = 0 skips the attention term (the student then need
@@ -99,8 +103,8 @@ def joint_loss(student_out, targets, teacher_out=None, alpha=1.0, beta=1.0, gamm
     terms = {"cls_local": bce, "cls_global": ce}
     if teacher_out is not None:
         t_local, t_global, t_attn = teacher_out
-        kd_local = F.mse_loss(s_local, t_local.detach())
-        kd_global = F.mse_loss(s_global, t_global.detach())
+        kd_local = F.mse_loss(s_local.sigmoid(), t_local.detach().sigmoid())        # (B, L) probabilities
+        kd_global = F.mse_loss(s_global.softmax(-1), t_global.detach().softmax(-1))  # (B, 2) probabilities
         total = total + alpha * kd_local + beta * kd_global
         terms.update(kd_local=kd_local, kd_global=kd_global)
         if gamma:

@@ -4,11 +4,13 @@ import os
 import numpy as np
 import pydicom
 import pytest
+import torch
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 
 import data
+from mlcak import simulate_low_resolution
 
 
 def write_dicom(path, pixels, photometric="MONOCHROME2", syntax=ExplicitVRLittleEndian, **tags):
@@ -274,6 +276,17 @@ def test_each_synthetic_finding_is_drawn_inside_its_box(label):
     diff = np.abs(drawn.astype(np.float64) - plain)
     inside = diff[int(y0 * h):int(np.ceil(y1 * h)) + 1, int(x0 * w):int(np.ceil(x1 * w)) + 1].sum()
     assert diff.sum() > 0.5 and inside >= 0.8 * diff.sum(), (inside, diff.sum())
+
+
+def test_fine_findings_vanish_at_28_and_coarse_ones_stay():
+    # the point of the synthetic set: what a finding changes in the image, seen at 224 and after 28 x 28
+    low = lambda image: simulate_low_resolution(torch.from_numpy(image)[None, None], 28)[0, 0].numpy()
+    for label in data.LOCAL_LABELS:
+        for seed in (0, 1):
+            plain, _ = data.synthetic_chest(np.random.default_rng(seed), 224, 224, [])
+            drawn, _ = data.synthetic_chest(np.random.default_rng(seed), 224, 224, [label])
+            kept = np.abs(low(drawn) - low(plain)).sum() / np.abs(drawn - plain).sum()
+            assert (kept > 0.9) if label in data.COARSE else (kept < 0.5), (label, seed, kept)
 
 
 def test_synthetic_test_labels_and_boxes_agree(tmp_path):

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from evaluate import (auroc, bootstrap, box_mask, class_token_maps, colorize, format_table, interval, localization, metrics,
+from evaluate import (attention_maps, auroc, bootstrap, box_mask, colorize, format_table, interval, localization, metrics,
                       paired_difference, pick_rows, write_figures)
 
 
@@ -135,5 +135,5 @@ def test_map_figures_have_one_panel_per_checkpoint_plus_the_input(tmp_path):
     overview = Image.open(tmp_path / "maps" / "overview.png")
     assert overview.size == (3 * 64, 3 * (64 + 14))
     assert Image.open(tmp_path / "maps" / f"{test.image_ids[rows[0]]}.png").size == (3 * 64, 64 + 14)
-    maps = class_token_maps(model, test, rows, 64, (0.5, 0.25), "cpu")
+    maps = attention_maps(model, test, rows, 64, (0.5, 0.25), "cpu")
     assert maps.shape == (3, 4, 4) and torch.allclose(maps.sum((1, 2)), torch.ones(3))

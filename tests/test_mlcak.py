@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -61,6 +63,21 @@ def test_kd_terms_vanish_when_student_equals_teacher():
     _, terms = joint_loss(out, targets, teacher_out=out, alpha=1, beta=1, gamma=1000)
     assert terms["kd_local"] == 0 and terms["kd_global"] == 0 and terms["kd_attn"] == 0
     torch.testing.assert_close(terms["total"], terms["cls_local"] + terms["cls_global"])
+
+
+def test_kd_task_terms_compare_probabilities():
+    B, L = 4, 5
+    targets = (torch.zeros(B, L), torch.zeros(B, dtype=torch.long))
+    student = (torch.zeros(B, L), torch.zeros(B, 2), [])
+    teacher = (torch.full((B, L), math.log(3)), torch.tensor([[math.log(3), 0.0]] * B), [])
+    _, terms = joint_loss(student, targets, teacher_out=teacher, gamma=0)
+    # sigmoid(log 3) = 0.75 against 0.5; softmax([log 3, 0]) = [0.75, 0.25] against [0.5, 0.5]
+    torch.testing.assert_close(terms["kd_local"], torch.tensor(0.0625))
+    torch.testing.assert_close(terms["kd_global"], torch.tensor(0.0625))
+    saturated = (torch.full((B, L), 20.0), torch.tensor([[20.0, -20.0]] * B), [])
+    confident = (torch.full((B, L), 30.0), torch.tensor([[30.0, -30.0]] * B), [])
+    _, terms = joint_loss(saturated, targets, teacher_out=confident, gamma=0)
+    assert terms["kd_local"] < 1e-8 and terms["kd_global"] < 1e-8  # logits 10 apart, the same decision
 
 
 def test_baseline_is_classification_loss_alone():

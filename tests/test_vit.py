@@ -107,6 +107,37 @@ def test_fused_and_explicit_paths_agree():
     torch.testing.assert_close(fused[1], explicit[1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("stem", [(), (4, 6)])
+def test_a_token_sees_its_own_patch(stem):
+    # a change inside one 8 x 8 patch moves that patch's token; others move only through the stem's GroupNorm,
+    # which standardizes each feature map over the whole image (a plain ViT: not at all)
+    torch.manual_seed(0)
+    embed = VisionTransformer(small_cfg(stem_chans=stem)).patch_embed
+    assert embed.grid_size == 4 and len(embed.backbone) == 3 * len(stem)  # conv, norm, GELU per stem layer
+    x = torch.randn(2, 1, 32, 32)
+    y = x.clone()
+    y[:, :, 8:16, 16:24] += torch.randn(2, 1, 8, 8)  # patch (row 1, column 2) of the 4 x 4 grid
+    moved = (embed(y) - embed(x)).abs().amax(dim=(0, 2))  # (N,)
+    others = moved[torch.arange(16) != 1 * 4 + 2].max()
+    assert others == 0 if not stem else moved[6] > 3 * others, (moved[6], others)
+    keys = VisionTransformer(small_cfg(stem_chans=stem)).state_dict()
+    assert any(k.startswith("patch_embed.backbone") for k in keys) == bool(stem)  # a plain ViT keeps timm's keys
+
+
+def test_max_pooling_heads_read_the_largest_patch_feature():
+    torch.manual_seed(0)
+    model = VisionTransformer(small_cfg(global_pool="max")).eval()
+    x = torch.randn(3, 1, 32, 32)
+    captured = {}
+    model.norm.register_forward_hook(lambda module, args, out: captured.update(tokens=out))
+    local, glob, _ = model(x)
+    pooled = captured["tokens"][:, 1:].amax(dim=1)  # the class token (index 0) is not pooled
+    torch.testing.assert_close(local, model.head_local(pooled))
+    torch.testing.assert_close(glob, model.head_global(pooled))
+    with pytest.raises(AssertionError, match="global_pool"):
+        VisionTransformer(small_cfg(global_pool="avg"))
+
+
 def test_block_matches_torch_transformer_encoder_layer():
     torch.manual_seed(0)
     cfg = small_cfg(embed_dim=32, num_heads=4)
