@@ -159,6 +159,7 @@ def sharded_predict(model, dataset, res, ddp):
 
 
 def initial_model(cfg, args, device, ddp):
+    torch.manual_seed(args.seed)  # per stage: a student starts the same whether or not a teacher trained before it
     model = VisionTransformer(cfg)
     if args.init:
         state = torch.load(args.init, map_location="cpu", weights_only=True)
