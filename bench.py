@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import data
 from mlcak import joint_loss
-from vit import VARIANTS, PatchEmbed, ViTConfig, VisionTransformer
+from vit import VARIANTS, PatchEmbed, ViTConfig, VisionTransformer, pool_tokens
 
 
 class ReferenceViT(nn.Module):
@@ -46,8 +46,7 @@ class ReferenceViT(nn.Module):
     def forward(self, x, return_attn=False):
         x = self.patch_embed(x)  # (B, N, D)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed  # (B, T, D)
-        x = self.norm(self.blocks(x))
-        x = x[:, 0] if self.pool == "token" else x[:, 1:].amax(dim=1)  # (B, D)
+        x = pool_tokens(self.norm(self.blocks(x)), self.pool)  # (B, T, D) -> (B, D)
         return self.head_local(x), self.head_global(x), []
 
 

@@ -260,8 +260,8 @@ def train_stage(role, model, run_dir, train_set, val_set, res, args, ddp, info, 
 def run_dirs(args, info, teacher_key, res):
     """Run folders named by what determines their result, so a finished run is found and reused, never mixed up."""
     recipe = dict(model=dict(VARIANTS[args.model], name=args.model), img_size=args.img_size, epochs=args.epochs,
-                  batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, seed=args.seed, readers=args.readers,
-                  val_fraction=args.val_fraction, data=[os.path.basename(info["train_cache"]), os.path.basename(info["test_cache"])],
+                  batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
+                  seed=args.seed, readers=args.readers, val_fraction=args.val_fraction, data=[os.path.basename(info["train_cache"]), os.path.basename(info["test_cache"])],
                   init=args.init and [os.path.abspath(args.init), os.path.getmtime(args.init), args.init_norm])
     mlcak = dict(recipe, res=res, teacher=teacher_key or short_hash(recipe), alpha=args.alpha, beta=args.beta, gamma=args.gamma)
     return dict(teacher=os.path.join(args.out, f"teacher-{args.img_size}-{short_hash(recipe)}"),

@@ -186,9 +186,13 @@ class VisionTransformer(nn.Module):
             x, attn = block(x, return_attn)
             if return_attn:
                 attentions.append(attn)
-        x = self.norm(x)                                     # (B, T, D)
-        x = x[:, 0] if self.cfg.global_pool == "token" else x[:, 1:].amax(dim=1)  # (B, D)
+        x = pool_tokens(self.norm(x), self.cfg.global_pool)  # (B, T, D) -> (B, D)
         return self.head_local(x), self.head_global(x), attentions
+
+
+def pool_tokens(x, global_pool):
+    """(B, T, D) -> (B, D): the class token, or the maximum over the patch tokens (the class token left out)."""
+    return x[:, 0] if global_pool == "token" else x[:, 1:].amax(dim=1)
 
 
 def resample_pos_embed(pos_embed, new_grid, old_grid=None, num_prefix_tokens=1):
