@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import synthetic
 from mlcak import joint_loss
 from vit import VARIANTS, PatchEmbed, ViTConfig, VisionTransformer, pool_tokens
 
@@ -131,7 +132,7 @@ def bench_variant(name, args, device):
 def bench_loader(args, device):
     """Images per second out of the cached dataset through a DataLoader, as train.py reads it."""
     folder = os.path.join(tempfile.gettempdir(), "mlcak-bench")
-    root = data.make_synthetic(os.path.join(folder, "synthetic"), n_train=256, n_test=2, verbose=False)
+    root = synthetic.make_synthetic(os.path.join(folder, "synthetic"), n_train=256, n_test=2, verbose=False)
     dataset = data.XrayDataset(data.build_cache(data.load_source(root, "train"), 224, os.path.join(folder, "cache"), verbose=False))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                                          pin_memory=device.type == "cuda", drop_last=True)

@@ -2,7 +2,7 @@
 Evaluates MLCAK checkpoints on a test set: AUROC per local label (MLCT) with its numbers of positives and
 negatives, their mean over the labels where AUROC is defined, and normal/abnormal AUROC (MCCT).
 
-    python evaluate.py runs/teacher-224-*/best.pt runs/student-28-*/best.pt
+    python evaluate.py runs/teacher-224-*/best.pt runs/mlcak-28-*/best.pt
     python evaluate.py CKPT --data /data/vindr-cxr      # another dataset than the one the checkpoint names
 
 A student checkpoint is evaluated at its own resolution (the HR test image, reduced by
@@ -22,16 +22,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import data
-from mlcak import mlcak_map, simulate_low_resolution
-from vit import ViTConfig, VisionTransformer
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr (and exit code 2), not a usage block."""
-
-    def error(self, message):
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+from mlcak import mlcak_map, model_input, simulate_low_resolution
+from vit import CheckpointError, load_checkpoint
 
 
 def auroc_rows(y_true, y_score, weights=None):
@@ -94,22 +86,6 @@ def paired_difference(point_a, point_b, samples_a, samples_b):
     d = samples_b - samples_a
     p = min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0)))
     return dict(difference=float(point_b - point_a), ci=interval(d), p_value=float(p))
-
-
-def device_from(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def model_input(images, res, norm):
-    """HR batch in [0, 1] -> what a model at resolution res sees: simulated LR (if res < HR), then normalized."""
-    mean, std = norm
-    return (simulate_low_resolution(images, res) - mean) / std
 
 
 @torch.no_grad()
@@ -232,7 +208,7 @@ def write_figures(folder, dataset, loaded, rows, device):
         hr, boxes = dataset.image(n), dataset.boxes(n)
         panels = [panel(hr[0].numpy(), boxes, f"{dataset.image_ids[n][:12]} @{size}")]
         for (model, ckpt), m in zip(loaded, maps):
-            seen = model_input(hr[None], ckpt["res"], (0.0, 1.0))[0, 0].numpy()  # what this model saw, in [0, 1]
+            seen = simulate_low_resolution(hr[None], ckpt["res"])[0, 0].numpy()  # what this model saw, before normalization
             panels.append(panel(seen, boxes, run_name(ckpt), heat=m[k]))
         figure = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
         for j, p in enumerate(panels):
@@ -255,19 +231,6 @@ def pick_rows(dataset, ids=None, count=6):
             raise data.DataError(f"--map-ids: image {missing[0]} is not in the test set")
         return [known[i] for i in ids]
     return sorted((int(n) for n in dataset.indices), key=lambda n: (-len(dataset.boxes(n)), n))[:count]
-
-
-def load_checkpoint(path, device="cpu"):
-    """A checkpoint written by train.py -> (model in eval mode, the checkpoint dict). Plain tensors and values only."""
-    if not os.path.isfile(path):
-        raise data.DataError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        model = VisionTransformer(ViTConfig(**ckpt["vit_config"]))
-        model.load_state_dict(ckpt["model"])
-    except Exception as err:
-        raise data.DataError(f"{path}: not a checkpoint written by train.py ({type(err).__name__}: {err})") from None
-    return model.to(device).eval(), ckpt
 
 
 def evaluate_checkpoints(paths, dataset, device="cpu", n_boot=1000, pairs=None, write_json=True, seed=0):
@@ -306,9 +269,8 @@ def evaluate_checkpoints(paths, dataset, device="cpu", n_boot=1000, pairs=None, 
 
 
 def run_name(ckpt):
-    if ckpt["role"] == "teacher":
-        return f"teacher@{ckpt['res']}"
-    return f"{'MLCAK' if ckpt['kd'] else 'baseline'} student@{ckpt['res']}"
+    """teacher@224, baseline@28, mlcak@28: the role and the resolution the model sees."""
+    return f"{ckpt['role']}@{ckpt['res']}"
 
 
 def format_table(results):
@@ -339,13 +301,13 @@ def format_table(results):
 
 
 def markdown_table(results):
-    """The paper's resolution table: a row per checkpoint, AUROC with intervals, localization, MLCAK - baseline."""
+    """The paper's resolution table: a row per checkpoint, AUROC with intervals, localization, mlcak - baseline."""
     fmt = lambda v, ci: f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
     lines = ["| model | mean local AUROC [95% CI] | normal/abnormal AUROC [95% CI] | attention in box | pointing game "
              "| difference in mean local AUROC [95% CI], p |", "|---|---|---|---|---|---|"]
     for r in results:
         loc = r.get("localization") or {}
-        diff = "; ".join(f"{r['name'].split()[0]} - {d['against'].split()[0]}: {d['mean_local_auroc']['difference']:+.3f} "
+        diff = "; ".join(f"{r['name'].split('@')[0]} - {d['against'].split('@')[0]}: {d['mean_local_auroc']['difference']:+.3f} "
                          f"[{d['mean_local_auroc']['ci'][0]:+.3f}, {d['mean_local_auroc']['ci'][1]:+.3f}], "
                          f"p = {d['mean_local_auroc']['p_value']:.3f}" for d in r.get("differences", []))
         lines.append(f"| {r['name']} | {fmt(r['mean_local_auroc'], r.get('mean_local_auroc_ci'))} | "
@@ -366,6 +328,7 @@ def test_dataset(ckpt, data_path=None, cache_dir=None):
 
 
 def main(argv=None):
+    from train import Parser, pick_device  # the command-line helpers live in train.py, which imports this file
     parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoints written by train.py")
     parser.add_argument("--data", help="VinDr/Kaggle folder or CSV to test on (default: the one the first checkpoint names)")
@@ -377,7 +340,7 @@ def main(argv=None):
     parser.add_argument("--map-ids", help="comma-separated test image ids to draw (default: those with the most boxes)")
     parser.add_argument("--num-maps", type=int, default=6, help="how many images to draw when --map-ids is not given")
     args = parser.parse_args(argv)
-    device = device_from(args.device)
+    device = pick_device(args.device)
     try:
         _, first = load_checkpoint(args.checkpoints[0])
         dataset = test_dataset(first, args.data, args.cache_dir)
@@ -386,7 +349,7 @@ def main(argv=None):
             rows = pick_rows(dataset, args.map_ids.split(",") if args.map_ids else None, args.num_maps)
             loaded = [load_checkpoint(p, device) for p in args.checkpoints]
             count = write_figures(args.maps, dataset, loaded, rows, device)
-    except data.DataError as err:
+    except (data.DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     print(format_table(results))

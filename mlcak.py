@@ -38,6 +38,15 @@ def simulate_low_resolution(hr, res):
     return F.interpolate(lr, size=size, mode="bicubic", align_corners=False).clamp(hr.min(), hr.max())  # (B, C, S, S)
 
 
+def model_input(hr, res, norm):
+    """
+    What a model at resolution res sees: x = (x_LR - mean) / std, with x_LR = simulate_low_resolution(x_HR, res)
+    (the HR batch itself when res is the HR size). norm = (mean, std), saved with every checkpoint.
+    """
+    mean, std = norm
+    return (simulate_low_resolution(hr, res) - mean) / std
+
+
 def mlcak_map(attentions, layers=None):
     """
     MLCAK = (1/N) * sum_{i in layers} H_i,    H_i = (1/heads) * sum_h A_{i,h}
@@ -86,14 +95,14 @@ def joint_loss(student_out, targets, teacher_out=None, alpha=1.0, beta=1.0, gamm
     L_KD    = alpha * MSE(p_local^S, p_local^T) + beta * MSE(p_global^S, p_global^T) + gamma * MSE(MLCAK^S, MLCAK^T)
     p_local = sigmoid(z_local), p_global = softmax(z_global)
 
-    The task terms compare probabilities, not logits: a confident teacher's logits reach |z| ~ 10, and their MSE
-    (10 to 30 times L_cls in the default run) spent the student's effort on saturated tails that change no
-    prediction; probabilities weight the region where the decision is made (README, "Our reading").
+    The task terms compare probabilities, not logits: a confident teacher's logits are large, and their MSE
+    outweighs L_cls many times over, spending the student's effort on saturated tails that change no prediction;
+    probabilities weight the region where the decision is made (README, "Our reading of the paper").
     student_out, teacher_out: (local_logits, global_logits, attentions) from the models' forward.
     targets: (local_targets (B, L), global_targets (B,)).
     teacher_out None gives the baseline, L_cls alone. gamma = 0 skips the attention term (the student then need
     not return attentions). The default gamma is large because attention probabilities are about 1/T each,
-    so their raw MSE is 1e-5 to 1e-3 (README, "Our reading of the paper").
+    so the raw MSE of two maps is small (README, "Our reading of the paper").
 
     Returns (total, terms): terms maps each named part to a detached float tensor, for logging.
     """

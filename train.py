@@ -1,26 +1,26 @@
 """
-Trains MLCAK (arXiv 2405.13370) in two stages and prints AUROC on the test set.
+Trains MLCAK (arXiv 2405.13370) in the paper's two stages and prints AUROC on the test set.
 
-    Stage 1  teacher ViT at high resolution (224), L_cls only; reused on later runs with the same data and recipe
-    Stage 2  student ViT at --res, L_joint = L_KD + L_cls against the frozen teacher (or L_cls alone: --no-kd)
+    Stage 1  the teacher: a ViT at high resolution (--img-size, 224), L_cls alone
+    Stage 2  the students: the same ViT at low resolution (--res), either
+             mlcak     L_joint = L_KD + L_cls against the frozen teacher, or
+             baseline  L_cls alone (--no-kd)
 
     python train.py --res 28                 # synthetic VinDr-style data (made on first use), CPU, a few minutes
-    python train.py --res 28 --no-kd         # the baseline student: the same recipe with L_cls only
-    python train.py --res 56                 # the teacher from the first run is reused
-    python train.py --res 112 56 28 --compare   # baseline and MLCAK at each resolution: the paper's table
+    python train.py --res 28 --no-kd         # the baseline: the same recipe with L_cls only
+    python train.py --res 112 56 28 --compare   # baseline and mlcak at each resolution: the paper's table
     python train.py --data /data/vindr-cxr --model vit_small --device cuda --epochs 30 --batch-size 128 --res 28
 
 Several GPUs or machines (DistributedDataParallel; --batch-size stays the global batch):
 
     torchrun --standalone --nproc_per_node=4 train.py --data /data/vindr-cxr --model vit_small --device cuda --amp
-    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 --nproc_per_node=8 train.py ...
 
-Each model gets a run folder under --out with best.pt (by validation mean local AUROC) and last.pt: plain
-dicts of tensors and values, loadable with torch.load(path, weights_only=True).
+Each model gets a run folder under --out (teacher-224-*, mlcak-28-*, baseline-28-*), named by everything that
+determines its result, so a finished run is reused rather than trained again. It holds best.pt (by validation
+mean local AUROC) and last.pt: plain dicts of tensors and values, loadable with torch.load(path, weights_only=True).
 """
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import math
@@ -33,30 +33,343 @@ import torch
 import torch.distributed as dist
 
 import data
-import evaluate
-from mlcak import joint_loss
-from vit import CHECKPOINT_NORMS, VARIANTS, ViTConfig, VisionTransformer, adapt_timm_state_dict
+import synthetic
+from evaluate import evaluate_checkpoints, format_table, markdown_table, metrics, pick_rows, predict, write_figures
+from mlcak import joint_loss, model_input
+from vit import (CHECKPOINT_NORMS, VARIANTS, CheckpointError, ViTConfig, VisionTransformer, adapt_timm_state_dict,
+                 load_checkpoint, read_checkpoint, save_checkpoint)
 
 NORM = (0.5, 0.25)  # input normalization, (x - mean) / std, saved with every checkpoint
 
 
+# -------------------------------------------------------------------------------------------------- the run
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)  # the same on every rank: the same initial weights everywhere
+    ddp = Ddp(pick_device(args.device))
+    train_set, val_set, test_set, info = prepare_data(args, ddp)
+    cfg = ViTConfig(img_size=args.img_size, num_local=len(train_set.label_names), **VARIANTS[args.model])
+    folders = RunFolders(args, info)
+    fit = lambda role, run_dir, res, teacher=None: train_or_reuse(role, run_dir, cfg, train_set, val_set, res, args,
+                                                                  ddp, info, teacher)
+
+    # Stage 1: the teacher sees the full-resolution image and learns from the labels alone
+    teacher = None
+    if "mlcak" in methods(args):
+        if args.teacher:
+            say(ddp, f"teacher: {args.teacher}")
+        else:
+            fit("teacher", folders.teacher, args.img_size)
+        teacher, _ = load_checkpoint(folders.teacher_checkpoint, ddp.device)  # eval mode, never wrapped in DDP
+        teacher.requires_grad_(False)
+
+    # Stage 2: each student sees the image at --res; mlcak also learns from the frozen teacher
+    table, pairs = [], []
+    if os.path.isfile(folders.teacher_checkpoint):
+        table.append(folders.teacher_checkpoint)
+    for res in args.res:
+        column = {}
+        for method in ("baseline", "mlcak"):
+            run_dir = folders.student(method, res)
+            if method in methods(args):
+                fit(method, run_dir, res, teacher if method == "mlcak" else None)
+            if os.path.isfile(os.path.join(run_dir, "best.pt")):  # trained now, or earlier: shown side by side
+                column[method] = len(table)
+                table.append(os.path.join(run_dir, "best.pt"))
+        if len(column) == 2:
+            pairs.append((column["baseline"], column["mlcak"]))  # mlcak - baseline at this resolution, paired
+
+    if ddp.master:
+        report(args, table, pairs, test_set, info, ddp.device)
+    if ddp.on:
+        dist.destroy_process_group()
+
+
+def methods(args):
+    """Which students this command trains."""
+    if args.compare:
+        return ["baseline", "mlcak"]
+    if args.no_kd:
+        return ["baseline"]
+    return ["mlcak"]
+
+
+def report(args, table, pairs, test_set, info, device):
+    """The final AUROC table on the test set; with --compare also the Markdown table and attention maps."""
+    results = evaluate_checkpoints(table, test_set, device, args.bootstrap, pairs)
+    print(f"\ntest set: {len(test_set)} images ({info['path']})")
+    print(format_table(results))
+    if args.compare:
+        name = os.path.join(args.out, f"table-{short_hash(table)}")
+        with open(name + ".md", "w") as f:
+            f.write(f"Test set: {len(test_set)} images of {info['path']}; intervals from {args.bootstrap} bootstrap "
+                    f"resamples.\n\n{markdown_table(results)}\n")
+        loaded = [load_checkpoint(p, device) for p in table]
+        write_figures(name + "-maps", test_set, loaded, pick_rows(test_set), device)
+        print(f"wrote {name}.md and attention maps in {name}-maps/")
+
+
+# -------------------------------------------------------------------------------------------------- training
+
+def train_or_reuse(role, run_dir, cfg, train_set, val_set, res, args, ddp, info, teacher=None):
+    """Trains one model into run_dir, unless a finished run of the same settings is already there."""
+    if finished(run_dir, args.epochs):
+        say(ddp, f"{role}@{res}: reusing {run_dir}")
+    else:
+        model = initial_model(cfg, args, ddp)
+        train(role, model, run_dir, train_set, val_set, res, args, ddp, info, teacher)
+
+
+def finished(run_dir, epochs):
+    last = os.path.join(run_dir, "last.pt")
+    return os.path.isfile(last) and read_checkpoint(last)["epoch"] == epochs
+
+
+def initial_model(cfg, args, ddp):
+    torch.manual_seed(args.seed)  # per stage: a student starts the same whether or not a teacher trained before it
+    model = VisionTransformer(cfg)
+    if args.init:
+        state = torch.load(args.init, map_location="cpu", weights_only=True)
+        state = state.get("model", state)
+        try:
+            state, report = adapt_timm_state_dict(state, model, args.init_norm, NORM)
+        except ValueError as err:
+            raise data.DataError(f"--init {args.init}: {err}") from None
+        model.load_state_dict(state, strict=False)
+        say(ddp, f"init: {args.init}: {len(report['loaded'])} tensors loaded, converted {report['converted']}, "
+                 f"skipped {report['skipped']}, heads new")
+    return model.to(ddp.device)
+
+
+def lr_factor(step, total, warmup):
+    """The learning rate, as a share of --lr, at a step: linear warmup, then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(role, model, run_dir, train_set, val_set, res, args, ddp, info, teacher=None):
+    """One training run: AdamW, warmup + cosine, validation each epoch, best.pt and last.pt in run_dir."""
+    device, kd = ddp.device, teacher is not None
+    need_attn = kd and args.gamma > 0
+    os.makedirs(run_dir, exist_ok=True)
+    decays = lambda name, p: p.ndim >= 2 and "pos_embed" not in name and "cls_token" not in name
+    params = list(model.named_parameters())
+    opt = torch.optim.AdamW([{"params": [p for n, p in params if decays(n, p)], "weight_decay": args.weight_decay},
+                             {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0}], lr=args.lr)
+    # the same sampler with one process or many: rank r takes every world-th image of one seeded permutation, so
+    # N processes with batch B/N see, step by step, the same images as one process with batch B
+    sampler = torch.utils.data.DistributedSampler(train_set, ddp.world, ddp.rank, shuffle=True, seed=args.seed, drop_last=True)
+    if args.batch_size % ddp.world:
+        raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the {ddp.world} processes")
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // ddp.world, sampler=sampler, drop_last=True,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    total = args.epochs * len(loader)
+    warmup = max(1, int(args.warmup * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, warmup))
+    raw = model  # what is saved: never the DDP or compiled wrapper, so keys carry no 'module.' or '_orig_mod.'
+    first_epoch, best, step = 0, -1.0, 0
+    last_path = os.path.join(run_dir, "last.pt")
+    if args.resume and os.path.isfile(last_path):
+        last = read_checkpoint(last_path)
+        raw.load_state_dict(last["model"])
+        opt.load_state_dict(last["optimizer"])
+        sched.load_state_dict(last["scheduler"])
+        torch.set_rng_state(last["rng"])
+        first_epoch, best, step = last["epoch"], last["best"], last["step"]
+        say(ddp, f"{role}: resuming {last_path} after epoch {first_epoch}")
+    if args.compile:
+        model = torch.compile(model)
+    if ddp.on:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+    say(ddp, f"{role}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, res {res}, {total} steps, "
+             f"{'L_KD + L_cls' if kd else 'L_cls'}, run folder {run_dir}")
+    saved = dict(args=vars(args), role=role, res=res, kd=kd, norm=list(NORM), label_names=train_set.label_names, data=info)
+    start, start_step = time.time(), step
+    for epoch in range(first_epoch, args.epochs):
+        model.train()
+        sampler.set_epoch(epoch)
+        for images, local, abnormal, _ in loader:
+            images = images.to(device, non_blocking=True)
+            local, abnormal = local.to(device, non_blocking=True), abnormal.to(device, non_blocking=True)
+            with autocast():
+                student_out = model(model_input(images, res, NORM), return_attn=need_attn)
+                teacher_out = None
+                if kd:
+                    with torch.no_grad():
+                        teacher_out = teacher(model_input(images, args.img_size, NORM), return_attn=need_attn)
+                loss, terms = joint_loss(student_out, (local, abnormal), teacher_out, args.alpha, args.beta, args.gamma)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            if ddp.master and (step % args.log_every == 0 or step == total):
+                rate = (step - start_step) * args.batch_size / (time.time() - start)
+                parts = " ".join(f"{k} {v.item():.4g}" for k, v in terms.items())  # the only host sync, every few steps
+                print(f"{role} epoch {epoch + 1}/{args.epochs} step {step}/{total} | {parts} | "
+                      f"{rate:.0f} img/s, ETA {(total - step) * args.batch_size / rate:.0f}s", flush=True)
+        val = metrics(*sharded_predict(raw, val_set, res, ddp), val_set.label_names) if len(val_set) else None
+        score = val["mean_local_auroc"] if val and not math.isnan(val["mean_local_auroc"]) else float(epoch)
+        summary = dict(epoch=epoch + 1, val_mean_local_auroc=val and val["mean_local_auroc"],
+                       val_normal_abnormal_auroc=val and val["normal_abnormal_auroc"])
+        if ddp.master:
+            if val:
+                print(f"{role} epoch {epoch + 1}: val mean local AUROC {val['mean_local_auroc']:.3f} "
+                      f"({val['labels_defined']} labels), normal/abnormal {val['normal_abnormal_auroc']:.3f}")
+            if score > best:
+                best = score
+                save_checkpoint(os.path.join(run_dir, "best.pt"), raw, epoch=epoch + 1, step=step, metrics=summary, **saved)
+            save_checkpoint(last_path, raw, epoch=epoch + 1, step=step, metrics=summary, best=best, optimizer=opt.state_dict(),
+                            scheduler=sched.state_dict(), rng=torch.get_rng_state(), **saved)
+        ddp.barrier()
+
+
+def sharded_predict(model, dataset, res, ddp):
+    """predict over each rank's share of the images, gathered back into dataset order."""
+    rows = np.arange(len(dataset))
+    mine = torch.utils.data.Subset(dataset, rows[ddp.rank::ddp.world])
+    parts = ddp.gather(predict(model, mine, res, NORM, ddp.device))
+    order = np.argsort(np.concatenate([rows[r::ddp.world] for r in range(ddp.world)]), kind="stable")
+    return tuple(np.concatenate([p[k] for p in parts])[order] for k in range(4))
+
+
+# -------------------------------------------------------------------------------------------------- data
+
+def prepare_data(args, ddp):
+    """The train, validation and test sets; rank 0 makes the data and the caches first, the others then read them."""
+    if not ddp.master:
+        ddp.barrier()
+    verbose = ddp.master
+    path = args.data
+    if path is None:
+        path = synthetic.make_synthetic(os.path.join(data.DEFAULT_DATA, "synthetic"), verbose=verbose)
+    caches = {}
+    for split in ("train", "test"):
+        source = data.load_source(path, split, args.readers)
+        for note in source.notes:
+            say(ddp, f"data: {note}")
+        caches[split] = data.build_cache(source, args.img_size, args.cache_dir, verbose=verbose)
+    if ddp.master:
+        ddp.barrier()
+    train_all = data.XrayDataset(caches["train"])
+    is_val = np.array([data.hash_fraction(i) < args.val_fraction for i in train_all.image_ids])
+    train_set = data.XrayDataset(caches["train"], np.flatnonzero(~is_val))
+    val_set = data.XrayDataset(caches["train"], np.flatnonzero(is_val))
+    test_set = data.XrayDataset(caches["test"])
+    for name, ds in (("train", train_set), ("test", test_set)):
+        missing = [n for n, c in zip(ds.label_names, ds.local[ds.indices].sum(0)) if c == 0]
+        if missing:
+            consequence = "their AUROC is n/a" if name == "test" else "the model cannot learn them"
+            say(ddp, f"data: {name} has no positive case of {len(missing)} label(s): {', '.join(missing)}; {consequence}")
+    say(ddp, f"data: {path}: {len(train_set)} train, {len(val_set)} val, {len(test_set)} test images, "
+             f"{len(train_set.label_names)} local labels")
+    return train_set, val_set, test_set, dict(path=path, train_cache=caches["train"], test_cache=caches["test"])
+
+
+class RunFolders:
+    """Run folders named by a hash of what determines their result, so a finished run is found and reused."""
+
+    def __init__(self, args, info):
+        self.args = args
+        self.recipe = dict(model=dict(VARIANTS[args.model], name=args.model), img_size=args.img_size, epochs=args.epochs,
+                           batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
+                           seed=args.seed, readers=args.readers, val_fraction=args.val_fraction,
+                           data=[os.path.basename(info["train_cache"]), os.path.basename(info["test_cache"])],
+                           init=args.init and [os.path.abspath(args.init), os.path.getmtime(args.init), args.init_norm])
+        self.teacher = os.path.join(args.out, f"teacher-{args.img_size}-{short_hash(self.recipe)}")
+        self.teacher_checkpoint = args.teacher or os.path.join(self.teacher, "best.pt")
+        # an mlcak student is tied to its teacher: a given --teacher file, or the one this recipe trains
+        self.teacher_key = short_hash(args.teacher + str(os.path.getmtime(args.teacher))) if args.teacher else short_hash(self.recipe)
+
+    def student(self, method, res):
+        settings = dict(self.recipe, res=res)
+        if method == "mlcak":
+            settings.update(teacher=self.teacher_key, alpha=self.args.alpha, beta=self.args.beta, gamma=self.args.gamma)
+        return os.path.join(self.args.out, f"{method}-{res}-{short_hash(settings)}")
+
+
+def short_hash(obj):
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:8]
+
+
+# -------------------------------------------------------------------------------------------------- processes
+
+class Ddp:
+    """torchrun's environment, nanoGPT-style: one process per device, rank 0 logs, saves and evaluates."""
+
+    def __init__(self, device):
+        self.on = "RANK" in os.environ
+        self.rank, self.world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if self.on else (0, 1)
+        self.master = self.rank == 0
+        self.device = device
+        if self.on:
+            if device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+    def barrier(self):
+        if self.on:
+            dist.barrier()
+
+    def gather(self, obj):
+        """Every rank's obj, in rank order, on every rank."""
+        if not self.on:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def say(ddp, message):
+    """Rank 0 alone talks."""
+    if ddp.master:
+        print(message, flush=True)
+
+
+# -------------------------------------------------------------------------------------------------- command line
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (and exit code 2), not a usage block."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def pick_device(name):
+    """--device: auto picks cuda, then mps, then cpu."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
 def parse_args(argv=None):
-    p = evaluate.Parser(description="Train an MLCAK teacher (HR) and student (LR) ViT.",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description="Train an MLCAK teacher (HR) and students (LR), then test them.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--res", type=int, nargs="+", default=[28], help="student resolution(s): 112, 56, 28 or any value from 8 to --img-size")
     p.add_argument("--data", help="VinDr-CXR folder, Kaggle VinBigData folder or CSV file (default: synthetic VinDr-style data in data/synthetic)")
-    p.add_argument("--model", default="vit_cpu", choices=sorted(VARIANTS), help="ViT variant for teacher and student")
+    p.add_argument("--model", default="vit_cpu", choices=sorted(VARIANTS), help="ViT variant for teacher and students")
     p.add_argument("--img-size", type=int, default=224, help="high resolution: the teacher's input side")
     p.add_argument("--epochs", type=int, default=50, help="epochs for each stage")
     p.add_argument("--batch-size", type=int, default=32, help="images per step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, linear warmup then cosine decay)")
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on biases, norms, embeddings)")
     p.add_argument("--warmup", type=float, default=0.1, help="share of the steps spent warming up")
-    p.add_argument("--alpha", type=float, default=1.0, help="weight of MSE on MLCT (local) logits")
-    p.add_argument("--beta", type=float, default=1.0, help="weight of MSE on MCCT (global) logits")
+    p.add_argument("--alpha", type=float, default=1.0, help="weight of MSE on the local (MLCT) probabilities")
+    p.add_argument("--beta", type=float, default=1.0, help="weight of MSE on the global (MCCT) probabilities")
     p.add_argument("--gamma", type=float, default=1000.0, help="weight of MSE on the MLCAK attention maps")
     p.add_argument("--no-kd", action="store_true", help="train the baseline student: L_cls only, no teacher")
-    p.add_argument("--compare", action="store_true", help="train baseline and MLCAK students at every --res; write a Markdown table and attention maps")
+    p.add_argument("--compare", action="store_true", help="train baseline and mlcak students at every --res; write a Markdown table and attention maps")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals of the final table (0: none)")
     p.add_argument("--teacher", help="teacher checkpoint to distil from (default: train one, or reuse it from --out)")
     p.add_argument("--readers", default="majority", choices=["majority", "any"], help="how three VinDr readers are combined")
@@ -86,256 +399,9 @@ def parse_args(argv=None):
     return args
 
 
-def short_hash(obj):
-    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def save_checkpoint(path, **content):
-    """Written to a temporary file, then renamed: a crash never leaves half a checkpoint."""
-    torch.save(content, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def prepare_data(args, say=print):
-    verbose = say is print
-    path = args.data
-    if path is None:
-        path = data.make_synthetic(os.path.join(data.DEFAULT_DATA, "synthetic"), verbose=verbose)
-    sets = {}
-    for split in ("train", "test"):
-        source = data.load_source(path, split, args.readers)
-        for note in source.notes:
-            say(f"data: {note}")
-        sets[split] = data.build_cache(source, args.img_size, args.cache_dir, verbose=verbose)
-    train_all = data.XrayDataset(sets["train"])
-    is_val = np.array([data.hash_fraction(i) < args.val_fraction for i in train_all.image_ids])
-    train = data.XrayDataset(sets["train"], np.flatnonzero(~is_val))
-    val = data.XrayDataset(sets["train"], np.flatnonzero(is_val))
-    test = data.XrayDataset(sets["test"])
-    for name, ds in (("train", train), ("val", val), ("test", test)):
-        missing = [n for n, c in zip(ds.label_names, ds.local[ds.indices].sum(0)) if c == 0]
-        if missing and name != "val":
-            consequence = "their AUROC is n/a" if name == "test" else "the model cannot learn them"
-            say(f"data: {name} has no positive case of {len(missing)} label(s): {', '.join(missing)}; {consequence}")
-    say(f"data: {path}: {len(train)} train, {len(val)} val, {len(test)} test images, {len(train.label_names)} local labels")
-    info = dict(path=path, train_cache=sets["train"], test_cache=sets["test"])
-    return train, val, test, info
-
-
-class Ddp:
-    """torchrun's environment, nanoGPT-style: one process per device, rank 0 logs, saves and evaluates."""
-
-    def __init__(self, device):
-        self.on = "RANK" in os.environ
-        self.rank, self.world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if self.on else (0, 1)
-        self.master = self.rank == 0
-        self.device = device
-        if self.on:
-            if device.type == "cuda":
-                self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-                torch.cuda.set_device(self.device)
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-
-    def barrier(self):
-        if self.on:
-            dist.barrier()
-
-    def gather(self, obj):
-        """Every rank's obj, in rank order, on every rank."""
-        if not self.on:
-            return [obj]
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-
-def sharded_predict(model, dataset, res, ddp):
-    """evaluate.predict over each rank's share of the images, gathered back into dataset order."""
-    rows = np.arange(len(dataset))
-    mine = torch.utils.data.Subset(dataset, rows[ddp.rank::ddp.world])
-    parts = ddp.gather(evaluate.predict(model, mine, res, NORM, ddp.device))
-    order = np.argsort(np.concatenate([rows[r::ddp.world] for r in range(ddp.world)]), kind="stable")
-    return tuple(np.concatenate([p[k] for p in parts])[order] for k in range(4))
-
-
-def initial_model(cfg, args, device, ddp):
-    torch.manual_seed(args.seed)  # per stage: a student starts the same whether or not a teacher trained before it
-    model = VisionTransformer(cfg)
-    if args.init:
-        state = torch.load(args.init, map_location="cpu", weights_only=True)
-        state = state.get("model", state)
-        try:
-            state, report = adapt_timm_state_dict(state, model, args.init_norm, NORM)
-        except ValueError as err:
-            raise data.DataError(f"--init {args.init}: {err}") from None
-        model.load_state_dict(state, strict=False)
-        if ddp.master:
-            print(f"init: {args.init}: {len(report['loaded'])} tensors loaded, converted {report['converted']}, "
-                  f"skipped {report['skipped']}, heads new")
-    return model.to(device)
-
-
-def train_stage(role, model, run_dir, train_set, val_set, res, args, ddp, info, teacher=None):
-    """One training run (teacher or student): AdamW, warmup + cosine, validation each epoch, best/last saved."""
-    device, kd = ddp.device, teacher is not None
-    need_attn = kd and args.gamma > 0
-    os.makedirs(run_dir, exist_ok=True)
-    decays = lambda n, p: p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n
-    opt = torch.optim.AdamW([{"params": [p for n, p in model.named_parameters() if decays(n, p)], "weight_decay": args.weight_decay},
-                             {"params": [p for n, p in model.named_parameters() if not decays(n, p)], "weight_decay": 0.0}], lr=args.lr)
-    # the same sampler with one process or many: rank r takes every world-th image of one seeded permutation, so
-    # N processes with batch B/N see, step by step, the same images as one process with batch B
-    sampler = torch.utils.data.DistributedSampler(train_set, ddp.world, ddp.rank, shuffle=True, seed=args.seed, drop_last=True)
-    if args.batch_size % ddp.world:
-        raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the {ddp.world} processes")
-    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // ddp.world, sampler=sampler, drop_last=True,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda")
-    total = args.epochs * len(loader)
-    warmup = max(1, int(args.warmup * total))
-    schedule = lambda step: (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    raw = model  # what is saved: never the DDP or compiled wrapper, so keys carry no 'module.' or '_orig_mod.'
-    first_epoch, best, step = 0, -1.0, 0
-    last_path = os.path.join(run_dir, "last.pt")
-    if args.resume and os.path.isfile(last_path):
-        last = torch.load(last_path, map_location="cpu", weights_only=True)
-        raw.load_state_dict(last["model"]), opt.load_state_dict(last["optimizer"]), sched.load_state_dict(last["scheduler"])
-        torch.set_rng_state(last["rng"])
-        first_epoch, best, step = last["epoch"], last["best"], last["step"]
-        if ddp.master:
-            print(f"{role}: resuming {last_path} after epoch {first_epoch}")
-    if args.compile:
-        model = torch.compile(model)
-    if ddp.on:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
-    if ddp.master:
-        print(f"{role}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, res {res}, {total} steps, "
-              f"{'L_KD + L_cls' if kd else 'L_cls'}, run folder {run_dir}")
-    base = dict(vit_config=dataclasses.asdict(raw.cfg), args=vars(args), role=role, res=res, kd=kd, norm=list(NORM),
-                label_names=train_set.label_names, data=info)
-    start, start_step = time.time(), step
-    for epoch in range(first_epoch, args.epochs):
-        model.train()
-        sampler.set_epoch(epoch)
-        for images, local, abnormal, _ in loader:
-            images = images.to(device, non_blocking=True)
-            local, abnormal = local.to(device, non_blocking=True), abnormal.to(device, non_blocking=True)
-            with autocast():
-                student_out = model(evaluate.model_input(images, res, NORM), return_attn=need_attn)
-                teacher_out = None
-                if kd:
-                    with torch.no_grad():
-                        teacher_out = teacher(evaluate.model_input(images, args.img_size, NORM), return_attn=need_attn)
-                loss, terms = joint_loss(student_out, (local, abnormal), teacher_out, args.alpha, args.beta, args.gamma)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            if ddp.master and (step % args.log_every == 0 or step == total):
-                rate = (step - start_step) * args.batch_size / (time.time() - start)
-                parts = " ".join(f"{k} {v.item():.4g}" for k, v in terms.items())  # the only host sync, every few steps
-                print(f"{role} epoch {epoch + 1}/{args.epochs} step {step}/{total} | {parts} | "
-                      f"{rate:.0f} img/s, ETA {(total - step) * args.batch_size / rate:.0f}s", flush=True)
-        val = evaluate.metrics(*sharded_predict(raw, val_set, res, ddp), val_set.label_names) if len(val_set) else None
-        score = val["mean_local_auroc"] if val and not math.isnan(val["mean_local_auroc"]) else float(epoch)
-        summary = dict(epoch=epoch + 1, val_mean_local_auroc=val and val["mean_local_auroc"],
-                       val_normal_abnormal_auroc=val and val["normal_abnormal_auroc"])
-        if ddp.master:
-            if val:
-                print(f"{role} epoch {epoch + 1}: val mean local AUROC {val['mean_local_auroc']:.3f} "
-                      f"({val['labels_defined']} labels), normal/abnormal {val['normal_abnormal_auroc']:.3f}")
-            state = {k: v.detach().cpu() for k, v in raw.state_dict().items()}
-            if score > best:
-                best = score
-                save_checkpoint(os.path.join(run_dir, "best.pt"), model=state, epoch=epoch + 1, step=step, metrics=summary, **base)
-            save_checkpoint(last_path, model=state, epoch=epoch + 1, step=step, metrics=summary, best=best,
-                            optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=torch.get_rng_state(), **base)
-        ddp.barrier()
-    return os.path.join(run_dir, "best.pt")
-
-
-def run_dirs(args, info, teacher_key, res):
-    """Run folders named by what determines their result, so a finished run is found and reused, never mixed up."""
-    recipe = dict(model=dict(VARIANTS[args.model], name=args.model), img_size=args.img_size, epochs=args.epochs,
-                  batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
-                  seed=args.seed, readers=args.readers, val_fraction=args.val_fraction, data=[os.path.basename(info["train_cache"]), os.path.basename(info["test_cache"])],
-                  init=args.init and [os.path.abspath(args.init), os.path.getmtime(args.init), args.init_norm])
-    mlcak = dict(recipe, res=res, teacher=teacher_key or short_hash(recipe), alpha=args.alpha, beta=args.beta, gamma=args.gamma)
-    return dict(teacher=os.path.join(args.out, f"teacher-{args.img_size}-{short_hash(recipe)}"),
-                mlcak=os.path.join(args.out, f"student-{res}-mlcak-{short_hash(mlcak)}"),
-                baseline=os.path.join(args.out, f"student-{res}-baseline-{short_hash(dict(recipe, res=res))}"))
-
-
-def finished(run_dir, epochs):
-    last = os.path.join(run_dir, "last.pt")
-    return os.path.isfile(last) and torch.load(last, map_location="cpu", weights_only=True)["epoch"] == epochs
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    torch.manual_seed(args.seed)  # the same on every rank: the same initial weights everywhere
-    ddp = Ddp(evaluate.device_from(args.device))
-    if not ddp.master:
-        ddp.barrier()  # rank 0 makes the data and the caches first; the others then read them
-    say = print if ddp.master else (lambda *a, **k: None)  # rank 0 alone talks
-    train_set, val_set, test_set, info = prepare_data(args, say)
-    if ddp.master:
-        ddp.barrier()
-    cfg = ViTConfig(img_size=args.img_size, num_local=len(train_set.label_names), **VARIANTS[args.model])
-    teacher_key = short_hash(args.teacher + str(os.path.getmtime(args.teacher))) if args.teacher else None
-    teacher_dir = run_dirs(args, info, teacher_key, None)["teacher"]
-    teacher_path = args.teacher or os.path.join(teacher_dir, "best.pt")
-    methods = ["baseline", "mlcak"] if args.compare else ["baseline"] if args.no_kd else ["mlcak"]
-    if "mlcak" in methods:
-        if args.teacher or finished(teacher_dir, args.epochs):
-            say(f"teacher: reusing {teacher_path}")
-        else:
-            train_stage("teacher", initial_model(cfg, args, ddp.device, ddp), teacher_dir, train_set, val_set,
-                        args.img_size, args, ddp, info)
-        teacher, _ = evaluate.load_checkpoint(teacher_path, ddp.device)  # eval mode, never wrapped in DDP
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-    table, pairs = [teacher_path] if os.path.isfile(teacher_path) else [], []
-    for res in args.res:
-        dirs = run_dirs(args, info, teacher_key, res)
-        for method in ("baseline", "mlcak"):
-            if method in methods and finished(dirs[method], args.epochs):
-                say(f"{method} student@{res}: reusing {dirs[method]}")
-            elif method in methods:
-                train_stage("student" if method == "mlcak" else "baseline", initial_model(cfg, args, ddp.device, ddp),
-                            dirs[method], train_set, val_set, res, args, ddp, info,
-                            teacher=teacher if method == "mlcak" else None)
-            if os.path.isfile(os.path.join(dirs[method], "best.pt")):
-                table.append(os.path.join(dirs[method], "best.pt"))
-        if table[-2:] == [os.path.join(dirs[m], "best.pt") for m in ("baseline", "mlcak")]:
-            pairs.append((len(table) - 2, len(table) - 1))  # MLCAK - baseline at this resolution, paired
-    if ddp.master:
-        report(args, table, pairs, test_set, info, ddp.device)
-    if ddp.on:
-        dist.destroy_process_group()
-
-
-def report(args, table, pairs, test_set, info, device):
-    """The final AUROC table on the test set; with --compare also the Markdown table and attention maps."""
-    results = evaluate.evaluate_checkpoints(table, test_set, device, args.bootstrap, pairs)
-    print(f"\ntest set: {len(test_set)} images ({info['path']})")
-    print(evaluate.format_table(results))
-    if args.compare:
-        name = os.path.join(args.out, f"table-{short_hash(table)}")
-        with open(name + ".md", "w") as f:
-            f.write(f"Test set: {len(test_set)} images of {info['path']}; intervals from {args.bootstrap} bootstrap "
-                    f"resamples.\n\n{evaluate.markdown_table(results)}\n")
-        loaded = [evaluate.load_checkpoint(p, device) for p in table]
-        evaluate.write_figures(name + "-maps", test_set, loaded, evaluate.pick_rows(test_set), device)
-        print(f"wrote {name}.md and attention maps in {name}-maps/")
-
-
 if __name__ == "__main__":
     try:
         main()
-    except data.DataError as err:
+    except (data.DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

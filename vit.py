@@ -13,7 +13,8 @@ This file imports torch alone; copy it into your project as it is.
 """
 
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -37,11 +38,12 @@ class ViTConfig:
     global_pool: str = "token" # what the heads read: "token" (the class token) or "max" (max over the patches)
 
 
-# The paper's backbones (timm's vit_tiny/small/base_patch16_224) and one small variant for a 2-core CPU,
-# chosen by measurement so that the default `python train.py --res 28` finishes in a few minutes. Trained from
-# scratch on a thousand synthetic images, a plain patch-32 ViT did not learn findings a few pixels wide (test
-# AUROC 0.52); with a convolutional stem (Xiao et al., arXiv 2106.14881) and max pooling over the patches (a
-# finding anywhere makes the image positive) it did (0.74), for about 20% more time per step (README, Results).
+# The paper's backbones (timm's vit_tiny/small/base_patch16_224, plain ViTs with class-token heads: timm's names
+# and weights hold for these) and one small variant for a 2-core CPU. vit_cpu adds two things a from-scratch ViT
+# on a thousand images needs to see findings a few pixels wide (README, "Our reading"): a convolutional stem
+# (Xiao et al., arXiv 2106.14881) and heads on the maximum over the patch tokens (a finding anywhere makes the
+# image positive). Its pooling applies the final `norm` before the maximum, where timm's pooled ViTs apply an
+# `fc_norm` after it: vit_cpu has no pretrained counterpart, and its names follow timm's only up to that norm.
 VARIANTS = {
     "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
     "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
@@ -260,3 +262,45 @@ def adapt_timm_state_dict(state_dict, model, checkpoint_norm="imagenet", input_n
         if key not in report["converted"]:
             report["loaded"].append(key)
     return out, report
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+def save_checkpoint(path, model, **values):
+    """
+    Writes the model's weights and config with plain values (numbers, strings, lists, dicts, tensors; never a
+    pickled object), so torch.load(path, weights_only=True) reads it. Written to a temporary file, then renamed:
+    a crash never leaves half a checkpoint.
+    """
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save(dict(values, model=state, vit_config=asdict(model.cfg)), path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint of this model; the message is one line naming the file."""
+
+
+def read_checkpoint(path):
+    """The checkpoint dict, loaded with weights_only=True; CheckpointError with a one-line reason for anything else."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, truncated, or a pickle that needs more than weights_only allows
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a weights-only checkpoint ({type(err).__name__}: {reason[:200]})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "vit_config" not in ckpt:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no 'model' and 'vit_config' entries)")
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu"):
+    """A checkpoint written by save_checkpoint -> (VisionTransformer in eval mode, the checkpoint dict)."""
+    ckpt = read_checkpoint(path)
+    try:
+        model = VisionTransformer(ViTConfig(**ckpt["vit_config"]))
+        model.load_state_dict(ckpt["model"])
+    except Exception as err:
+        raise CheckpointError(f"{path}: weights do not fit the config they were saved with ({type(err).__name__})") from None
+    return model.to(device).eval(), ckpt

@@ -10,6 +10,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 
 import data
+import synthetic
 from mlcak import simulate_low_resolution
 
 
@@ -206,7 +207,7 @@ def test_cache_round_trip_with_boxes_and_a_corrupt_file_skipped(tmp_path):
 
 
 def test_interrupted_cache_build_resumes_where_it_stopped(tmp_path, monkeypatch):
-    root = str(data.make_synthetic(str(tmp_path / "syn"), n_train=12, n_test=2, workers=1, verbose=False))
+    root = str(synthetic.make_synthetic(str(tmp_path / "syn"), n_train=12, n_test=2, workers=1, verbose=False))
     source = data.load_source(root, "train")
     cache = str(tmp_path / "cache")
     calls = []
@@ -252,9 +253,9 @@ class InlinePool:
 
 
 def test_synthetic_generator_is_byte_identical_for_a_seed(tmp_path):
-    a = data.make_synthetic(str(tmp_path / "a"), n_train=6, n_test=3, seed=7, workers=2, verbose=False)
-    b = data.make_synthetic(str(tmp_path / "b"), n_train=6, n_test=3, seed=7, workers=1, verbose=False)
-    c = data.make_synthetic(str(tmp_path / "c"), n_train=6, n_test=3, seed=8, workers=1, verbose=False)
+    a = synthetic.make_synthetic(str(tmp_path / "a"), n_train=6, n_test=3, seed=7, workers=2, verbose=False)
+    b = synthetic.make_synthetic(str(tmp_path / "b"), n_train=6, n_test=3, seed=7, workers=1, verbose=False)
+    c = synthetic.make_synthetic(str(tmp_path / "c"), n_train=6, n_test=3, seed=8, workers=1, verbose=False)
     files = sorted(os.path.relpath(os.path.join(d, f), a) for d, _, fs in os.walk(a) for f in fs)
     assert len(files) == 6 + 3 + 4 + 1
     for f in files:
@@ -269,8 +270,8 @@ def test_synthetic_generator_is_byte_identical_for_a_seed(tmp_path):
 @pytest.mark.parametrize("label", sorted(set(data.LOCAL_LABELS) - {"Mediastinal shift"}))
 def test_each_synthetic_finding_is_drawn_inside_its_box(label):
     h, w = 224, 208
-    plain, _ = data.synthetic_chest(np.random.default_rng(3), h, w, [])
-    drawn, boxes = data.synthetic_chest(np.random.default_rng(3), h, w, [label])
+    plain, _ = synthetic.synthetic_chest(np.random.default_rng(3), h, w, [])
+    drawn, boxes = synthetic.synthetic_chest(np.random.default_rng(3), h, w, [label])
     (name, x0, y0, x1, y1), = boxes
     assert name == label
     diff = np.abs(drawn.astype(np.float64) - plain)
@@ -283,14 +284,14 @@ def test_fine_findings_vanish_at_28_and_coarse_ones_stay():
     low = lambda image: simulate_low_resolution(torch.from_numpy(image)[None, None], 28)[0, 0].numpy()
     for label in data.LOCAL_LABELS:
         for seed in (0, 1):
-            plain, _ = data.synthetic_chest(np.random.default_rng(seed), 224, 224, [])
-            drawn, _ = data.synthetic_chest(np.random.default_rng(seed), 224, 224, [label])
+            plain, _ = synthetic.synthetic_chest(np.random.default_rng(seed), 224, 224, [])
+            drawn, _ = synthetic.synthetic_chest(np.random.default_rng(seed), 224, 224, [label])
             kept = np.abs(low(drawn) - low(plain)).sum() / np.abs(drawn - plain).sum()
-            assert (kept > 0.9) if label in data.COARSE else (kept < 0.5), (label, seed, kept)
+            assert (kept > 0.9) if label in synthetic.COARSE else (kept < 0.5), (label, seed, kept)
 
 
 def test_synthetic_test_labels_and_boxes_agree(tmp_path):
-    root = data.make_synthetic(str(tmp_path / "s"), n_train=2, n_test=20, seed=1, workers=1, verbose=False)
+    root = synthetic.make_synthetic(str(tmp_path / "s"), n_train=2, n_test=20, seed=1, workers=1, verbose=False)
     test = data.load_source(root, "test")
     boxed = np.zeros_like(test.local)
     boxed[test.boxes[:, 0].astype(int), test.boxes[:, 1].astype(int)] = 1

@@ -120,14 +120,15 @@ def test_map_figures_have_one_panel_per_checkpoint_plus_the_input(tmp_path):
     import torch
 
     import data
+    import synthetic
     from vit import ViTConfig, VisionTransformer
 
-    root = data.make_synthetic(str(tmp_path / "syn"), n_train=2, n_test=4, seed=2, workers=1, verbose=False)
+    root = synthetic.make_synthetic(str(tmp_path / "syn"), n_train=2, n_test=4, seed=2, workers=1, verbose=False)
     test = data.XrayDataset(data.build_cache(data.load_source(root, "test"), 64, str(tmp_path / "cache"), workers=1,
                                              verbose=False))
     model = VisionTransformer(ViTConfig(img_size=64, patch_size=16, embed_dim=24, depth=2, num_heads=2)).eval()
     loaded = [(model, dict(res=64, norm=[0.5, 0.25], role="teacher", kd=False)),
-              (model, dict(res=16, norm=[0.5, 0.25], role="student", kd=True))]
+              (model, dict(res=16, norm=[0.5, 0.25], role="mlcak", kd=True))]
     rows = pick_rows(test, count=3)
     assert len(rows) == 3 and len(test.boxes(rows[0])) >= len(test.boxes(rows[-1]))
     assert write_figures(str(tmp_path / "maps"), test, loaded, rows, "cpu") == 3

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import data
+import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +29,7 @@ def table_row(output, start):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
-    root = data.make_synthetic(str(tmp / "syn"), n_train=48, n_test=24, seed=3, workers=2, verbose=False)
+    root = synthetic.make_synthetic(str(tmp / "syn"), n_train=48, n_test=24, seed=3, workers=2, verbose=False)
     common = ["--data", root, "--out", str(tmp / "runs"), "--cache-dir", str(tmp / "cache"), "--epochs", "2",
               "--batch-size", "8", "--log-every", "2", "--res", "28"]
     first = run("train.py", *common)
@@ -38,31 +39,31 @@ def tiny(tmp_path_factory):
 
 def test_training_runs_teacher_then_student_and_prints_auroc(tiny):
     tmp, out, _ = tiny
-    assert "teacher epoch 2/2" in out and "student epoch 2/2" in out
+    assert "teacher epoch 2/2" in out and "mlcak epoch 2/2" in out
     assert re.search(r"kd_attn [0-9.e-]+ .*img/s, ETA", out)
-    assert len(table_row(out, "mean local AUROC")) == 2  # teacher@224 and MLCAK student@28
+    assert len(table_row(out, "mean local AUROC")) == 2  # teacher@224 and mlcak@28
 
 
 def test_checkpoints_load_with_weights_only_and_hold_plain_values(tiny):
     tmp, _, _ = tiny
     paths = [os.path.join(d, f) for d, _, fs in os.walk(tmp / "runs") for f in fs if f.endswith(".pt")]
-    assert len(paths) == 6  # best and last for teacher, student, baseline
+    assert len(paths) == 6  # best and last for teacher, mlcak, baseline
     for path in paths:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        assert ckpt["role"] in ("teacher", "student", "baseline") and isinstance(ckpt["vit_config"], dict)
+        assert ckpt["role"] in ("teacher", "mlcak", "baseline") and isinstance(ckpt["vit_config"], dict)
         assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
 
 
 def test_second_run_reuses_the_teacher_and_shows_the_baseline(tiny):
     _, _, out = tiny
     assert "teacher epoch" not in out and "baseline epoch 2/2" in out
-    assert len(table_row(out, "mean local AUROC")) == 3  # teacher, baseline, MLCAK student
+    assert len(table_row(out, "mean local AUROC")) == 3  # teacher, baseline, mlcak
 
 
 def test_evaluate_reproduces_the_auroc_that_training_printed(tiny):
     tmp, _, out = tiny
     runs = sorted(os.listdir(tmp / "runs"))
-    order = [next(r for r in runs if r.startswith(p)) for p in ("teacher", "student-28-baseline", "student-28-mlcak")]
+    order = [next(r for r in runs if r.startswith(p)) for p in ("teacher", "baseline-28", "mlcak-28")]
     result = run("evaluate.py", *[str(tmp / "runs" / r / "best.pt") for r in order])
     for row in ("mean local AUROC", "normal/abnormal AUROC"):
         assert table_row(result.stdout, row) == table_row(out, row)
@@ -91,14 +92,14 @@ def test_compare_writes_the_resolution_table_and_maps_reusing_finished_runs(tiny
     tmp, _, _ = tiny
     out = run("train.py", "--data", str(tmp / "syn"), "--out", str(tmp / "runs"), "--cache-dir", str(tmp / "cache"),
               "--epochs", "2", "--batch-size", "8", "--res", "56", "28", "--compare", "--bootstrap", "200").stdout
-    assert "teacher: reusing" in out and "baseline student@28: reusing" in out and "MLCAK student@28: reusing" not in out
-    assert "mlcak student@28: reusing" in out and "baseline epoch 2/2" in out  # only the 56 students are new
+    assert "teacher@224: reusing" in out and "baseline@28: reusing" in out and "mlcak@28: reusing" in out
+    assert "baseline epoch 2/2" in out and "mlcak epoch 2/2" in out and "teacher epoch" not in out  # only the 56 students are new
     table = next(f for f in os.listdir(tmp / "runs") if f.startswith("table-") and f.endswith(".md"))
     text = open(tmp / "runs" / table).read()
-    for row in ("| teacher@224 |", "| baseline student@56 |", "| MLCAK student@56 |", "| baseline student@28 |",
-                "| MLCAK student@28 |", "| uniform map (chance) |"):
+    for row in ("| teacher@224 |", "| baseline@56 |", "| mlcak@56 |", "| baseline@28 |", "| mlcak@28 |",
+                "| uniform map (chance) |"):
         assert row in text
-    assert text.count("MLCAK - baseline:") == 2
+    assert text.count("mlcak - baseline:") == 2
     maps = tmp / "runs" / table.replace(".md", "-maps")
     assert len(os.listdir(maps)) == 7  # six images and the overview
 
@@ -138,7 +139,7 @@ def test_two_gloo_processes_agree_with_one_at_the_same_global_batch(tiny):
     two = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert two.returncode == 0, two.stdout + two.stderr
     assert two.stdout.count("teacher epoch 2:") == 1  # rank 0 alone logs
-    for role in ("teacher", "student"):
+    for role in ("teacher", "mlcak"):
         a, b = final_weights(tmp / "one", role), final_weights(tmp / "two", role)
         assert a.keys() == b.keys()
         for k in a:  # the same images per step; only the order of floating-point sums differs
@@ -162,7 +163,7 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny):
     resumed = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600).stdout
     assert "teacher: resuming" in resumed and "after epoch 1" in resumed
     small_run(tmp, "straight", epochs=3)
-    for role in ("teacher", "student"):
+    for role in ("teacher", "mlcak"):
         a, b = final_weights(tmp / "killed", role), final_weights(tmp / "straight", role)
         assert all(torch.equal(a[k], b[k]) for k in a), role  # bitwise: CPU kernels are deterministic here
 
@@ -192,5 +193,5 @@ def test_amp_and_compile_run_and_save_clean_keys(tiny):
     except Exception as err:  # no compiler toolchain on this machine
         pytest.skip(f"torch.compile cannot run here: {err}")
     small_run(tmp, "compiled", "--amp", "--compile", "--no-kd", epochs=1)
-    keys = final_weights(tmp / "compiled", "student")
+    keys = final_weights(tmp / "compiled", "baseline")
     assert "pos_embed" in keys and not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
