@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import warnings
 
@@ -206,20 +207,25 @@ def write_figures(folder, dataset, loaded, rows, device):
     figures = []
     for k, n in enumerate(rows):
         hr, boxes = dataset.image(n), dataset.boxes(n)
-        panels = [panel(hr[0].numpy(), boxes, f"{dataset.image_ids[n][:12]} @{size}")]
+        panels = [panel(hr[0].numpy(), boxes, f"{os.path.basename(dataset.image_ids[n])[:16]} @{size}")]
         for (model, ckpt), m in zip(loaded, maps):
             seen = simulate_low_resolution(hr[None], ckpt["res"])[0, 0].numpy()  # what this model saw, before normalization
             panels.append(panel(seen, boxes, run_name(ckpt), heat=m[k]))
         figure = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
         for j, p in enumerate(panels):
             figure.paste(p, (j * p.width, 0))
-        figure.save(os.path.join(folder, f"{dataset.image_ids[n]}.png"))
+        figure.save(os.path.join(folder, file_name(dataset.image_ids[n]) + ".png"))
         figures.append(figure)
     overview = Image.new("RGB", (figures[0].width, sum(f.height for f in figures)), "white")
     for j, f in enumerate(figures):
         overview.paste(f, (0, j * f.height))
     overview.save(os.path.join(folder, "overview.png"))
     return len(figures)
+
+
+def file_name(image_id):
+    """An image id as a file name: ids may hold folders (test/NORMAL/x.jpeg -> test_NORMAL_x.jpeg)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id)
 
 
 def pick_rows(dataset, ids=None, count=6):
@@ -244,8 +250,10 @@ def evaluate_checkpoints(paths, dataset, device="cpu", n_boot=1000, pairs=None, 
     for path in paths:
         model, ckpt = load_checkpoint(path, device)
         if dataset.label_names != ckpt["label_names"]:
-            raise data.DataError(f"{path}: trained on labels {ckpt['label_names'][:3]}..., the test set has "
-                                 f"{dataset.label_names[:3]}...; they must match")
+            first = next((k for k, (a, b) in enumerate(zip(ckpt["label_names"], dataset.label_names)) if a != b), None)
+            where = (f"label {first + 1} is '{ckpt['label_names'][first]}', the test set's '{dataset.label_names[first]}'"
+                     if first is not None else f"{len(ckpt['label_names'])} labels, the test set {len(dataset.label_names)}")
+            raise data.DataError(f"{path}: trained on other labels than the test set has ({where})")
         predictions.append(predict(model, dataset, ckpt["res"], ckpt["norm"], device))
         result = metrics(*predictions[-1], dataset.label_names)
         result.update(checkpoint=path, name=run_name(ckpt), localization=localization_score(model, ckpt, dataset, device))
@@ -263,8 +271,14 @@ def evaluate_checkpoints(paths, dataset, device="cpu", n_boot=1000, pairs=None, 
                 for key in ("mean_local_auroc", "normal_abnormal_auroc")}))
     if write_json:
         for r in results:
-            with open(os.path.splitext(r["checkpoint"])[0] + ".eval.json", "w") as f:
-                json.dump(r, f, indent=1)
+            path = os.path.splitext(r["checkpoint"])[0] + ".eval.json"
+            try:
+                with open(path, "w") as f:
+                    json.dump(r, f, indent=1)
+                r["eval_json"] = path
+            except OSError as err:  # a read-only run folder: the results are still printed
+                print(f"evaluate: cannot write {path} ({type(err).__name__}: {err.strerror}); results printed only",
+                      file=sys.stderr)
     return results
 
 
@@ -276,7 +290,7 @@ def run_name(ckpt):
 def format_table(results):
     """Several evaluations of one test set side by side: a row per label, a column per checkpoint."""
     first = results[0]["per_label"]
-    width = max(len(r["name"]) for r in results) + 2
+    width = max(14, *(len(r["name"]) for r in results)) + 2  # 14: an interval, [0.000, 1.000]
     lines = [f"{'label':<22}{'pos/neg':>10}" + "".join(f"{r['name']:>{width}}" for r in results)]
     for name, m in first.items():
         cells = ["n/a" if math.isnan(r["per_label"][name]["auroc"]) else f"{r['per_label'][name]['auroc']:.3f}"
@@ -303,18 +317,21 @@ def format_table(results):
 def markdown_table(results):
     """The paper's resolution table: a row per checkpoint, AUROC with intervals, localization, mlcak - baseline."""
     fmt = lambda v, ci: f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
-    lines = ["| model | mean local AUROC [95% CI] | normal/abnormal AUROC [95% CI] | attention in box | pointing game "
-             "| difference in mean local AUROC [95% CI], p |", "|---|---|---|---|---|---|"]
+    boxes = results[0].get("localization") is not None  # without boxes, no localization columns
+    header = ["model", "mean local AUROC [95% CI]", "normal/abnormal AUROC [95% CI]"]
+    header += ["attention in box", "pointing game"] if boxes else []
+    header += ["difference in mean local AUROC [95% CI], p"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        loc = r.get("localization") or {}
         diff = "; ".join(f"{r['name'].split('@')[0]} - {d['against'].split('@')[0]}: {d['mean_local_auroc']['difference']:+.3f} "
                          f"[{d['mean_local_auroc']['ci'][0]:+.3f}, {d['mean_local_auroc']['ci'][1]:+.3f}], "
                          f"p = {d['mean_local_auroc']['p_value']:.3f}" for d in r.get("differences", []))
-        lines.append(f"| {r['name']} | {fmt(r['mean_local_auroc'], r.get('mean_local_auroc_ci'))} | "
-                     f"{fmt(r['normal_abnormal_auroc'], r.get('normal_abnormal_auroc_ci'))} | "
-                     f"{loc.get('attention_in_box', float('nan')):.3f} | {loc.get('pointing_game', float('nan')):.3f} | {diff} |")
-    chance = (results[0].get("localization") or {}).get("chance")
-    if chance is not None:
+        cells = [r["name"], fmt(r["mean_local_auroc"], r.get("mean_local_auroc_ci")),
+                 fmt(r["normal_abnormal_auroc"], r.get("normal_abnormal_auroc_ci"))]
+        cells += [f"{r['localization'][k]:.3f}" for k in ("attention_in_box", "pointing_game")] if boxes else []
+        lines.append("| " + " | ".join(cells + [diff]) + " |")
+    if boxes:
+        chance = results[0]["localization"]["chance"]
         lines.append(f"| uniform map (chance) | | | {chance:.3f} | {chance:.3f} | |")
     return "\n".join(lines)
 
@@ -323,15 +340,16 @@ def test_dataset(ckpt, data_path=None, cache_dir=None):
     """The test set a checkpoint names (its cache, else its data source), or the one at data_path."""
     if data_path is None and os.path.isfile(os.path.join(ckpt["data"]["test_cache"], "meta.json")):
         return data.XrayDataset(ckpt["data"]["test_cache"])
-    source = data.load_source(data_path or ckpt["data"]["path"], "test", ckpt["args"]["readers"])
+    options = {k: ckpt["args"][k] for k in ("readers", "uncertain", "views", "boxes") if k in ckpt["args"]}
+    source = data.load_source(data_path or ckpt["data"]["path"], "test", **options)
     return data.XrayDataset(data.build_cache(source, ckpt["vit_config"]["img_size"], cache_dir))
 
 
 def main(argv=None):
-    from train import Parser, pick_device  # the command-line helpers live in train.py, which imports this file
+    from train import Parser, pick_device, writable  # command-line helpers, in train.py (which imports this file)
     parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoints written by train.py")
-    parser.add_argument("--data", help="VinDr/Kaggle folder or CSV to test on (default: the one the first checkpoint names)")
+    parser.add_argument("--data", help="dataset folder or CSV to test on (default: the one the first checkpoint names)")
     parser.add_argument("--cache-dir", help="where decoded images are cached (default: data/cache in this project)")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals (0: none)")
@@ -340,7 +358,12 @@ def main(argv=None):
     parser.add_argument("--map-ids", help="comma-separated test image ids to draw (default: those with the most boxes)")
     parser.add_argument("--num-maps", type=int, default=6, help="how many images to draw when --map-ids is not given")
     args = parser.parse_args(argv)
-    device = pick_device(args.device)
+    try:
+        device = pick_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.maps and writable(args.maps):
+        parser.error(f"--maps {args.maps}: cannot write there ({writable(args.maps)})")
     try:
         _, first = load_checkpoint(args.checkpoints[0])
         dataset = test_dataset(first, args.data, args.cache_dir)
@@ -354,7 +377,8 @@ def main(argv=None):
         sys.exit(1)
     print(format_table(results))
     for r in results:
-        print(f"wrote {os.path.splitext(r['checkpoint'])[0]}.eval.json")
+        if r.get("eval_json"):
+            print(f"wrote {r['eval_json']}")
     if args.maps:
         print(f"wrote {count} figures and overview.png to {args.maps}")
 

@@ -35,7 +35,10 @@ def simulate_low_resolution(hr, res):
     if res == size[0] and res == size[1]:
         return hr
     lr = F.interpolate(hr, size=(res, res), mode="bilinear", antialias=True, align_corners=False)  # (B, C, res, res)
-    return F.interpolate(lr, size=size, mode="bicubic", align_corners=False).clamp(hr.min(), hr.max())  # (B, C, S, S)
+    up = F.interpolate(lr, size=size, mode="bicubic", align_corners=False)  # (B, C, S, S)
+    # bicubic overshoots at edges: clamp to each image's own range, so an image's input never depends on its batch
+    low, high = hr.amin((-2, -1), keepdim=True), hr.amax((-2, -1), keepdim=True)  # (B, C, 1, 1)
+    return torch.maximum(torch.minimum(up, high), low)
 
 
 def model_input(hr, res, norm):
@@ -112,8 +115,9 @@ def joint_loss(student_out, targets, teacher_out=None, alpha=1.0, beta=1.0, gamm
     terms = {"cls_local": bce, "cls_global": ce}
     if teacher_out is not None:
         t_local, t_global, t_attn = teacher_out
-        kd_local = F.mse_loss(s_local.sigmoid(), t_local.detach().sigmoid())        # (B, L) probabilities
-        kd_global = F.mse_loss(s_global.softmax(-1), t_global.detach().softmax(-1))  # (B, 2) probabilities
+        # in float32: under bf16 autocast a probability near 1 moves in steps of 2^-8 and its gradient vanishes
+        kd_local = F.mse_loss(s_local.float().sigmoid(), t_local.detach().float().sigmoid())        # (B, L)
+        kd_global = F.mse_loss(s_global.float().softmax(-1), t_global.detach().float().softmax(-1))  # (B, 2)
         total = total + alpha * kd_local + beta * kd_global
         terms.update(kd_local=kd_local, kd_global=kd_global)
         if gamma:

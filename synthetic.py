@@ -21,7 +21,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from data import GLOBAL_LABELS, LOCAL_LABELS, progress_line
+from data import GLOBAL_LABELS, LOCAL_LABELS, NotReady, progress_line
 
 VERSION = 1  # of the generator: a change of drawing makes a new set
 
@@ -232,10 +232,11 @@ def _synthetic_case(job):
     return image_id, readers
 
 
-def make_synthetic(root, n_train=1000, n_test=300, seed=0, workers=None, verbose=True):
+def make_synthetic(root, n_train=1000, n_test=300, seed=0, workers=None, verbose=True, create=True):
     """
     Writes a synthetic VinDr-CXR in the PhysioNet layout (DICOMs, image_labels_*.csv, annotations_*.csv), the
-    same bytes for the same seed. Skips the work when root already holds a complete set with these settings.
+    same bytes for the same seed. Skips the work when root already holds a complete set with these settings;
+    create=False only checks (NotReady while another process is still writing it).
     """
     settings = dict(n_train=n_train, n_test=n_test, seed=seed, version=VERSION)
     marker = os.path.join(root, "synthetic.json")
@@ -243,6 +244,8 @@ def make_synthetic(root, n_train=1000, n_test=300, seed=0, workers=None, verbose
         with open(marker) as f:
             if json.load(f) == settings:
                 return root
+    if not create:
+        raise NotReady(root)
     for sub in ("train", "test", "annotations"):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
     weights = np.ones(len(LOCAL_LABELS))  # every finding equally likely: each label has positives to learn from

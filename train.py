@@ -11,7 +11,8 @@ Trains MLCAK (arXiv 2405.13370) in the paper's two stages and prints AUROC on th
     python train.py --res 112 56 28 --compare   # baseline and mlcak at each resolution: the paper's table
     python train.py --data /data/vindr-cxr --model vit_small --device cuda --epochs 30 --batch-size 128 --res 28
 
-Several GPUs or machines (DistributedDataParallel; --batch-size stays the global batch):
+Several GPUs or machines (DistributedDataParallel; --batch-size stays the global batch; --out must be a folder
+that every machine shares, and is checked):
 
     torchrun --standalone --nproc_per_node=4 train.py --data /data/vindr-cxr --model vit_small --device cuda --amp
 
@@ -27,6 +28,7 @@ import math
 import os
 import sys
 import time
+import uuid
 
 import numpy as np
 import torch
@@ -37,9 +39,13 @@ import synthetic
 from evaluate import evaluate_checkpoints, format_table, markdown_table, metrics, pick_rows, predict, write_figures
 from mlcak import joint_loss, model_input
 from vit import (CHECKPOINT_NORMS, VARIANTS, CheckpointError, ViTConfig, VisionTransformer, adapt_timm_state_dict,
-                 load_checkpoint, read_checkpoint, save_checkpoint)
+                 load_checkpoint, load_weights, read_checkpoint, save_checkpoint)
 
 NORM = (0.5, 0.25)  # input normalization, (x - mean) / std, saved with every checkpoint
+
+
+class TrainingError(Exception):
+    """The run cannot go on (a non-finite loss, a teacher that does not fit); the message is one line."""
 
 
 # -------------------------------------------------------------------------------------------------- the run
@@ -47,43 +53,48 @@ NORM = (0.5, 0.25)  # input normalization, (x - mean) / std, saved with every ch
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)  # the same on every rank: the same initial weights everywhere
-    ddp = Ddp(pick_device(args.device))
-    train_set, val_set, test_set, info = prepare_data(args, ddp)
-    cfg = ViTConfig(img_size=args.img_size, num_local=len(train_set.label_names), **VARIANTS[args.model])
-    folders = RunFolders(args, info)
-    fit = lambda role, run_dir, res, teacher=None: train_or_reuse(role, run_dir, cfg, train_set, val_set, res, args,
-                                                                  ddp, info, teacher)
+    ddp = Ddp(pick_device(args.device), args.tf32)
+    try:
+        train_set, val_set, test_set, info = prepare_data(args, ddp)  # before the process group: see Ddp
+        ddp.start(args.out)
+        cfg = ViTConfig(img_size=args.img_size, num_local=len(train_set.label_names), **VARIANTS[args.model])
+        folders = RunFolders(args, info)
+        fit = lambda role, run_dir, res, teacher=None: train_or_reuse(role, run_dir, cfg, train_set, val_set, res,
+                                                                      args, ddp, info, teacher)
 
-    # Stage 1: the teacher sees the full-resolution image and learns from the labels alone
-    teacher = None
-    if "mlcak" in methods(args):
-        if args.teacher:
-            say(ddp, f"teacher: {args.teacher}")
-        else:
-            fit("teacher", folders.teacher, args.img_size)
-        teacher, _ = load_checkpoint(folders.teacher_checkpoint, ddp.device)  # eval mode, never wrapped in DDP
-        teacher.requires_grad_(False)
+        # Stage 1: the teacher sees the full-resolution image and learns from the labels alone
+        teacher = None
+        if "mlcak" in methods(args):
+            if args.teacher:
+                say(ddp, f"teacher: {args.teacher}")
+            else:
+                fit("teacher", folders.teacher, args.img_size)
+            teacher, ckpt = load_checkpoint(folders.teacher_checkpoint, ddp.device)  # eval mode, never wrapped in DDP
+            check_teacher(ckpt, folders.teacher_checkpoint, cfg, train_set.label_names)
+            teacher.requires_grad_(False)
+            if args.compile:
+                teacher = torch.compile(teacher)
 
-    # Stage 2: each student sees the image at --res; mlcak also learns from the frozen teacher
-    table, pairs = [], []
-    if os.path.isfile(folders.teacher_checkpoint):
-        table.append(folders.teacher_checkpoint)
-    for res in args.res:
-        column = {}
-        for method in ("baseline", "mlcak"):
-            run_dir = folders.student(method, res)
-            if method in methods(args):
-                fit(method, run_dir, res, teacher if method == "mlcak" else None)
-            if os.path.isfile(os.path.join(run_dir, "best.pt")):  # trained now, or earlier: shown side by side
-                column[method] = len(table)
-                table.append(os.path.join(run_dir, "best.pt"))
-        if len(column) == 2:
-            pairs.append((column["baseline"], column["mlcak"]))  # mlcak - baseline at this resolution, paired
+        # Stage 2: each student sees the image at --res; mlcak also learns from the frozen teacher
+        table, pairs = [], []
+        if os.path.isfile(folders.teacher_checkpoint):
+            table.append(folders.teacher_checkpoint)
+        for res in args.res:
+            column = {}
+            for method in ("baseline", "mlcak"):
+                run_dir = folders.student(method, res)
+                if method in methods(args):
+                    fit(method, run_dir, res, teacher if method == "mlcak" else None)
+                if os.path.isfile(os.path.join(run_dir, "best.pt")):  # trained now, or earlier: shown side by side
+                    column[method] = len(table)
+                    table.append(os.path.join(run_dir, "best.pt"))
+            if len(column) == 2:
+                pairs.append((column["baseline"], column["mlcak"]))  # mlcak - baseline at this resolution, paired
 
-    if ddp.master:
-        report(args, table, pairs, test_set, info, ddp.device)
-    if ddp.on:
-        dist.destroy_process_group()
+        if ddp.master:
+            report(args, table, pairs, test_set, info, ddp.device)
+    finally:
+        ddp.stop()
 
 
 def methods(args):
@@ -110,6 +121,19 @@ def report(args, table, pairs, test_set, info, device):
         print(f"wrote {name}.md and attention maps in {name}-maps/")
 
 
+def check_teacher(ckpt, path, cfg, label_names):
+    """A teacher must predict the same labels and give MLCAK maps of the same size as the student's."""
+    if ckpt["label_names"] != label_names:
+        first = next((n for n, (a, b) in enumerate(zip(ckpt["label_names"], label_names)) if a != b), None)
+        where = (f"label {first + 1} is '{ckpt['label_names'][first]}', here '{label_names[first]}'" if first is not None
+                 else f"it has {len(ckpt['label_names'])} labels, this data {len(label_names)}")
+        raise TrainingError(f"--teacher {path}: trained on other labels ({where})")
+    tokens = lambda c: (c["img_size"] // c["patch_size"]) ** 2 + 1
+    if ckpt["vit_config"]["img_size"] != cfg.img_size or tokens(ckpt["vit_config"]) != tokens(vars(cfg)):
+        raise TrainingError(f"--teacher {path}: sees {ckpt['vit_config']['img_size']} px in {tokens(ckpt['vit_config'])} tokens, "
+                            f"the students {cfg.img_size} px in {tokens(vars(cfg))} tokens; the MLCAK maps must match")
+
+
 # -------------------------------------------------------------------------------------------------- training
 
 def train_or_reuse(role, run_dir, cfg, train_set, val_set, res, args, ddp, info, teacher=None):
@@ -122,20 +146,24 @@ def train_or_reuse(role, run_dir, cfg, train_set, val_set, res, args, ddp, info,
 
 
 def finished(run_dir, epochs):
-    last = os.path.join(run_dir, "last.pt")
-    return os.path.isfile(last) and read_checkpoint(last)["epoch"] == epochs
+    """A run that reached its last epoch with finite weights; anything else is trained (or resumed) again."""
+    path = os.path.join(run_dir, "last.pt")
+    if not os.path.isfile(path):
+        return False
+    last = read_checkpoint(path)
+    return last["epoch"] == epochs and all(torch.isfinite(v).all() for v in last["model"].values())
 
 
 def initial_model(cfg, args, ddp):
     torch.manual_seed(args.seed)  # per stage: a student starts the same whether or not a teacher trained before it
     model = VisionTransformer(cfg)
     if args.init:
-        state = torch.load(args.init, map_location="cpu", weights_only=True)
-        state = state.get("model", state)
+        state = load_weights(args.init)
+        state = state.get("model", state) if isinstance(state, dict) else state
         try:
             state, report = adapt_timm_state_dict(state, model, args.init_norm, NORM)
-        except ValueError as err:
-            raise data.DataError(f"--init {args.init}: {err}") from None
+        except (ValueError, AttributeError) as err:  # not a ViT state_dict of this width
+            raise data.DataError(f"--init {args.init}: {err if isinstance(err, ValueError) else 'not a state_dict'}") from None
         model.load_state_dict(state, strict=False)
         say(ddp, f"init: {args.init}: {len(report['loaded'])} tensors loaded, converted {report['converted']}, "
                  f"skipped {report['skipped']}, heads new")
@@ -153,7 +181,7 @@ def lr_factor(step, total, warmup):
 def train(role, model, run_dir, train_set, val_set, res, args, ddp, info, teacher=None):
     """One training run: AdamW, warmup + cosine, validation each epoch, best.pt and last.pt in run_dir."""
     device, kd = ddp.device, teacher is not None
-    need_attn = kd and args.gamma > 0
+    need_attn = kd and args.gamma != 0
     os.makedirs(run_dir, exist_ok=True)
     decays = lambda name, p: p.ndim >= 2 and "pos_embed" not in name and "cls_token" not in name
     params = list(model.named_parameters())
@@ -162,10 +190,11 @@ def train(role, model, run_dir, train_set, val_set, res, args, ddp, info, teache
     # the same sampler with one process or many: rank r takes every world-th image of one seeded permutation, so
     # N processes with batch B/N see, step by step, the same images as one process with batch B
     sampler = torch.utils.data.DistributedSampler(train_set, ddp.world, ddp.rank, shuffle=True, seed=args.seed, drop_last=True)
-    if args.batch_size % ddp.world:
-        raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the {ddp.world} processes")
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // ddp.world, sampler=sampler, drop_last=True,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
+    if len(loader) == 0:
+        raise TrainingError(f"--batch-size {args.batch_size} is more than the {len(train_set)} training images: "
+                            "not one step would run; lower --batch-size")
     total = args.epochs * len(loader)
     warmup = max(1, int(args.warmup * total))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, warmup))
@@ -202,27 +231,31 @@ def train(role, model, run_dir, train_set, val_set, res, args, ddp, info, teache
                     with torch.no_grad():
                         teacher_out = teacher(model_input(images, args.img_size, NORM), return_attn=need_attn)
                 loss, terms = joint_loss(student_out, (local, abnormal), teacher_out, args.alpha, args.beta, args.gamma)
+            del student_out, teacher_out  # the attention maps of this step are not kept alive into the next forward
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
             step += 1
+            if not torch.isfinite(loss):  # a host sync, but a NaN run must stop at once, not train on to the end
+                parts = " ".join(f"{k} {v.item():.4g}" for k, v in terms.items())
+                raise TrainingError(f"{role}: the loss is not finite at step {step} ({parts}); nothing of this step "
+                                    "was saved; try a lower --lr")
             if ddp.master and (step % args.log_every == 0 or step == total):
                 rate = (step - start_step) * args.batch_size / (time.time() - start)
-                parts = " ".join(f"{k} {v.item():.4g}" for k, v in terms.items())  # the only host sync, every few steps
+                parts = " ".join(f"{k} {v.item():.4g}" for k, v in terms.items())
                 print(f"{role} epoch {epoch + 1}/{args.epochs} step {step}/{total} | {parts} | "
                       f"{rate:.0f} img/s, ETA {(total - step) * args.batch_size / rate:.0f}s", flush=True)
         val = metrics(*sharded_predict(raw, val_set, res, ddp), val_set.label_names) if len(val_set) else None
-        score = val["mean_local_auroc"] if val and not math.isnan(val["mean_local_auroc"]) else float(epoch)
-        summary = dict(epoch=epoch + 1, val_mean_local_auroc=val and val["mean_local_auroc"],
-                       val_normal_abnormal_auroc=val and val["normal_abnormal_auroc"])
+        score = val["mean_local_auroc"] if val else float("nan")
+        summary = dict(epoch=epoch + 1, val_mean_local_auroc=score, val_normal_abnormal_auroc=val and val["normal_abnormal_auroc"])
         if ddp.master:
             if val:
-                print(f"{role} epoch {epoch + 1}: val mean local AUROC {val['mean_local_auroc']:.3f} "
-                      f"({val['labels_defined']} labels), normal/abnormal {val['normal_abnormal_auroc']:.3f}")
-            if score > best:
-                best = score
+                print(f"{role} epoch {epoch + 1}: val mean local AUROC {score:.3f} ({val['labels_defined']} labels), "
+                      f"normal/abnormal {val['normal_abnormal_auroc']:.3f}")
+            if math.isnan(score) or score > best:  # no validation score: best = last
+                best = score if not math.isnan(score) else best
                 save_checkpoint(os.path.join(run_dir, "best.pt"), raw, epoch=epoch + 1, step=step, metrics=summary, **saved)
             save_checkpoint(last_path, raw, epoch=epoch + 1, step=step, metrics=summary, best=best, optimizer=opt.state_dict(),
                             scheduler=sched.state_dict(), rng=torch.get_rng_state(), **saved)
@@ -241,33 +274,45 @@ def sharded_predict(model, dataset, res, ddp):
 # -------------------------------------------------------------------------------------------------- data
 
 def prepare_data(args, ddp):
-    """The train, validation and test sets; rank 0 makes the data and the caches first, the others then read them."""
-    if not ddp.master:
-        ddp.barrier()
-    verbose = ddp.master
-    path = args.data
-    if path is None:
-        path = synthetic.make_synthetic(os.path.join(data.DEFAULT_DATA, "synthetic"), verbose=verbose)
-    caches = {}
-    for split in ("train", "test"):
-        source = data.load_source(path, split, args.readers)
-        for note in source.notes:
-            say(ddp, f"data: {note}")
-        caches[split] = data.build_cache(source, args.img_size, args.cache_dir, verbose=verbose)
-    if ddp.master:
-        ddp.barrier()
-    train_all = data.XrayDataset(caches["train"])
-    is_val = np.array([data.hash_fraction(i) < args.val_fraction for i in train_all.image_ids])
-    train_set = data.XrayDataset(caches["train"], np.flatnonzero(~is_val))
-    val_set = data.XrayDataset(caches["train"], np.flatnonzero(is_val))
-    test_set = data.XrayDataset(caches["test"])
+    """
+    The train, validation and test sets. The first process on each machine (LOCAL_RANK 0) makes the data and the
+    caches; the others wait for them to be complete, then read them.
+    """
+    announced = False
+    while True:
+        try:
+            return read_data(args, ddp, create=ddp.builder)
+        except data.NotReady as err:
+            if not announced:
+                print(f"rank {ddp.rank}: waiting for local rank 0 to build {err}", flush=True)
+                announced = True
+            time.sleep(1)
+
+
+def read_data(args, ddp, create):
+    path = args.data or synthetic.make_synthetic(os.path.join(data.DEFAULT_DATA, "synthetic"), verbose=ddp.master, create=create)
+    sources = data.load_sources(path, args.readers, args.uncertain, args.views, args.boxes)
+    caches = {split: data.build_cache(s, args.img_size, args.cache_dir, verbose=ddp.master, create=create)
+              for split, s in sources.items()}
+    train_all, test_set = data.XrayDataset(caches["train"]), data.XrayDataset(caches["test"])
+    val_rows = data.validation_rows(train_all, args.val_fraction)
+    train_set = data.XrayDataset(caches["train"], np.setdiff1d(train_all.indices, val_rows))
+    val_set = data.XrayDataset(caches["train"], val_rows)
+    notes = sources["train"].notes + sources["test"].notes
+    notes += data.overlap_notes({"train": train_set, "val": val_set, "test": test_set})
+    if not len(val_set):
+        why = "--val-fraction 0" if args.val_fraction == 0 else f"{len(train_all)} training images are too few for --val-fraction {args.val_fraction}"
+        notes.append(f"no validation image ({why}): the model of the last epoch is kept (best = last)")
+    elif not any(0 < c < len(val_set) for c in val_set.local[val_set.indices].sum(0)):
+        notes.append(f"the {len(val_set)} validation images have no label with both classes: AUROC is undefined, best = last")
     for name, ds in (("train", train_set), ("test", test_set)):
         missing = [n for n, c in zip(ds.label_names, ds.local[ds.indices].sum(0)) if c == 0]
         if missing:
             consequence = "their AUROC is n/a" if name == "test" else "the model cannot learn them"
-            say(ddp, f"data: {name} has no positive case of {len(missing)} label(s): {', '.join(missing)}; {consequence}")
-    say(ddp, f"data: {path}: {len(train_set)} train, {len(val_set)} val, {len(test_set)} test images, "
-             f"{len(train_set.label_names)} local labels")
+            notes.append(f"{name} has no positive case of {len(missing)} label(s): {', '.join(missing)}; {consequence}")
+    for note in notes + [f"{path}: {len(train_set)} train, {len(val_set)} val, {len(test_set)} test images, "
+                         f"{len(train_set.label_names)} local labels"]:
+        say(ddp, f"data: {note}")
     return train_set, val_set, test_set, dict(path=path, train_cache=caches["train"], test_cache=caches["test"])
 
 
@@ -300,18 +345,45 @@ def short_hash(obj):
 # -------------------------------------------------------------------------------------------------- processes
 
 class Ddp:
-    """torchrun's environment, nanoGPT-style: one process per device, rank 0 logs, saves and evaluates."""
+    """
+    torchrun's environment, nanoGPT-style: one process per device; global rank 0 logs, saves and evaluates. The
+    process group starts only once the data are ready (start), so no collective waits, and times out, while a
+    machine decodes a large dataset into its cache; the first process of each machine builds that machine's cache.
+    """
 
-    def __init__(self, device):
+    def __init__(self, device, tf32=True):
         self.on = "RANK" in os.environ
         self.rank, self.world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if self.on else (0, 1)
-        self.master = self.rank == 0
-        self.device = device
-        if self.on:
-            if device.type == "cuda":
-                self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-                torch.cuda.set_device(self.device)
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        self.master, self.builder = self.rank == 0, int(os.environ.get("LOCAL_RANK", 0)) == 0
+        if self.on and device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        self.device, self.started = device, False
+
+    def start(self, out):
+        """Starts the process group; checks that every process sees the same --out (one shared folder)."""
+        if not self.on:
+            return
+        dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        self.started = True
+        name = [f".ranks-{uuid.uuid4().hex}"]  # a file rank 0 writes in its --out, looked for in each rank's --out
+        if self.master:
+            open(os.path.join(out, name[0]), "w").close()
+        dist.broadcast_object_list(name, src=0)
+        probe = os.path.join(out, name[0])
+        blind = [rank for rank, seen in enumerate(self.gather(os.path.isfile(probe))) if not seen]
+        self.barrier()
+        if self.master:
+            os.remove(probe)
+        if blind:
+            raise data.DataError(f"--out {out}: rank(s) {blind} do not see rank 0's files there; every machine must "
+                                 "reach the same --out (shared storage)")
+
+    def stop(self):
+        if self.started:
+            dist.destroy_process_group()
 
     def barrier(self):
         if self.on:
@@ -343,21 +415,40 @@ class Parser(argparse.ArgumentParser):
 
 
 def pick_device(name):
-    """--device: auto picks cuda, then mps, then cpu."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """--device: auto picks cuda, then mps, then cpu; a device that is not there is a ValueError."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA GPU (or this torch is a CPU build)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not mps:
+        raise ValueError(f"--device {name}: MPS is not available here")
+    return device
+
+
+def writable(folder):
+    """None if files can be written in folder (made if missing), else the reason."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{uuid.uuid4().hex}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as err:
+        return f"{type(err).__name__}: {err.strerror}"
+    return None
 
 
 def parse_args(argv=None):
     p = Parser(description="Train an MLCAK teacher (HR) and students (LR), then test them.",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--res", type=int, nargs="+", default=[28], help="student resolution(s): 112, 56, 28 or any value from 8 to --img-size")
-    p.add_argument("--data", help="VinDr-CXR folder, Kaggle VinBigData folder or CSV file (default: synthetic VinDr-style data in data/synthetic)")
+    p.add_argument("--data", help="dataset folder or CSV file in a layout of README's 'Data' (default: synthetic VinDr-style data in data/synthetic)")
     p.add_argument("--model", default="vit_cpu", choices=sorted(VARIANTS), help="ViT variant for teacher and students")
     p.add_argument("--img-size", type=int, default=224, help="high resolution: the teacher's input side")
     p.add_argument("--epochs", type=int, default=50, help="epochs for each stage")
@@ -372,36 +463,67 @@ def parse_args(argv=None):
     p.add_argument("--compare", action="store_true", help="train baseline and mlcak students at every --res; write a Markdown table and attention maps")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals of the final table (0: none)")
     p.add_argument("--teacher", help="teacher checkpoint to distil from (default: train one, or reuse it from --out)")
-    p.add_argument("--readers", default="majority", choices=["majority", "any"], help="how three VinDr readers are combined")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of train images held out for validation (by image id hash)")
-    p.add_argument("--out", default="runs", help="run folder")
+    p.add_argument("--readers", default="majority", choices=["majority", "any"], help="how the readers of a VinDr image are combined")
+    p.add_argument("--uncertain", default="zeros", choices=["zeros", "ones"], help="what an uncertain label (-1, as in CheXpert) counts as")
+    p.add_argument("--views", default="frontal", choices=["frontal", "all"], help="CheXpert: frontal views only, or lateral ones too")
+    p.add_argument("--boxes", help="boxes CSV for a CSV dataset (default: boxes.csv beside it, if there)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of training patients (or images) held out for validation, unless the data name their own")
+    p.add_argument("--out", default="runs", help="folder of the run folders")
     p.add_argument("--cache-dir", help="where decoded images are cached (default: data/cache in this project)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--no-tf32", dest="tf32", action="store_false", help="CUDA: full fp32 matrix products instead of TF32")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--init", help="start teacher and students from a timm/DeiT ViT checkpoint (state_dict, or a dict with 'model')")
     p.add_argument("--init-norm", default="imagenet", choices=sorted(CHECKPOINT_NORMS), help="input normalization the --init checkpoint was trained with")
     p.add_argument("--resume", action="store_true", help="continue unfinished runs from their last.pt (model, optimizer, schedule, epoch)")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast for forward and loss")
-    p.add_argument("--compile", action="store_true", help="torch.compile the trained model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trained model and the frozen teacher")
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     p.add_argument("--seed", type=int, default=0, help="seed for initialization and data order")
     args = p.parse_args(argv)
-    for res in args.res:
-        if not 8 <= res <= args.img_size:
-            p.error(f"--res must be between 8 and --img-size ({args.img_size}), got {res}")
-    if args.data and not os.path.exists(args.data):
-        p.error(f"--data {args.data}: no such file or folder")
-    for flag in ("teacher", "init"):
-        if getattr(args, flag) and not os.path.isfile(getattr(args, flag)):
-            p.error(f"--{flag} {getattr(args, flag)}: no such file")
-    if not 0 <= args.val_fraction < 1:
-        p.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    patch = VARIANTS[args.model].get("patch_size", 16)
+    checks = [(args.img_size >= patch and args.img_size % patch == 0, f"--img-size must be a multiple of {args.model}'s patch size {patch}, got {args.img_size}"),
+              (all(8 <= r <= args.img_size for r in args.res), f"--res must be between 8 and --img-size ({args.img_size}), got {args.res}"),
+              (args.epochs >= 1, f"--epochs must be at least 1, got {args.epochs}"),
+              (args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}"),
+              (args.lr > 0, f"--lr must be positive, got {args.lr}"),
+              (args.weight_decay >= 0, f"--weight-decay must be 0 or more, got {args.weight_decay}"),
+              (0 <= args.warmup < 1, f"--warmup must be in [0, 1), got {args.warmup}"),
+              (min(args.alpha, args.beta, args.gamma) >= 0, "--alpha, --beta and --gamma must be 0 or more"),
+              (0 <= args.val_fraction < 1, f"--val-fraction must be in [0, 1), got {args.val_fraction}"),
+              (args.bootstrap >= 0 and args.workers >= 0 and args.log_every >= 1, "--bootstrap and --workers must be 0 or more, --log-every at least 1"),
+              (args.data is None or os.path.exists(args.data), f"--data {args.data}: no such file or folder"),
+              (args.boxes is None or os.path.isfile(args.boxes), f"--boxes {args.boxes}: no such file")]
+    checks += [(getattr(args, flag) is None or os.path.isfile(getattr(args, flag)), f"--{flag} {getattr(args, flag)}: no such file")
+               for flag in ("teacher", "init")]
+    for ok, message in checks:
+        if not ok:
+            p.error(message)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        p.error(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    try:
+        pick_device(args.device)
+    except ValueError as err:
+        p.error(str(err))
+    problem = writable(args.out)
+    if problem:
+        p.error(f"--out {args.out}: cannot write there ({problem})")
     return args
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """main, with the command line's exit codes: a bad input or a failed run is one line on stderr, not a traceback."""
     try:
-        main()
-    except (data.DataError, CheckpointError) as err:
+        main(argv)
+    except (data.DataError, CheckpointError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command with --resume to continue from the last finished epoch", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -14,6 +14,7 @@ This file imports torch alone; copy it into your project as it is.
 
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -266,30 +267,40 @@ def adapt_timm_state_dict(state_dict, model, checkpoint_norm="imagenet", input_n
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 
-def save_checkpoint(path, model, **values):
-    """
-    Writes the model's weights and config with plain values (numbers, strings, lists, dicts, tensors; never a
-    pickled object), so torch.load(path, weights_only=True) reads it. Written to a temporary file, then renamed:
-    a crash never leaves half a checkpoint.
-    """
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save(dict(values, model=state, vit_config=asdict(model.cfg)), path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
 class CheckpointError(ValueError):
     """A file that is not a checkpoint of this model; the message is one line naming the file."""
 
 
-def read_checkpoint(path):
-    """The checkpoint dict, loaded with weights_only=True; CheckpointError with a one-line reason for anything else."""
+def save_checkpoint(path, model, **values):
+    """
+    Writes the model's weights and config with plain values (numbers, strings, lists, dicts, tensors; never a
+    pickled object), so torch.load(path, weights_only=True) reads it. Written to a temporary file, then renamed:
+    a crash never leaves half a checkpoint. Non-finite weights are never written.
+    """
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path}: not written: {len(bad)} tensors hold NaN or infinity, e.g. {bad[0]}")
+    torch.save(dict(values, model=state, vit_config=asdict(model.cfg)), path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_weights(path):
+    """torch.load(path, weights_only=True), with a one-line CheckpointError for a file that is not such a pickle."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # not a torch file, truncated, or a pickle that needs more than weights_only allows
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a weights-only checkpoint ({type(err).__name__}: {reason[:200]})") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, truncated, or a pickle of Python objects that weights_only refuses
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch colours part of its message
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        reason = f"it holds a pickled {found.group(1)}" if found else (text.strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(f"{path}: not a weights-only checkpoint ({type(err).__name__}: {reason})") from None
+
+
+def read_checkpoint(path):
+    """The dict save_checkpoint wrote, loaded with weights_only=True; CheckpointError (one line) for anything else."""
+    ckpt = load_weights(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "vit_config" not in ckpt:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no 'model' and 'vit_config' entries)")
     return ckpt

@@ -1,42 +1,17 @@
-import csv
+"""Decoding, the cache and its damage, labels, splits and leaks (data.py); each layout has its own tests in test_layouts.py."""
+
 import os
 
 import numpy as np
-import pydicom
 import pytest
-import torch
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
+from pydicom.uid import JPEGLSLossless
 
 import data
 import synthetic
-from mlcak import simulate_low_resolution
+from helpers import RAMP, vindr_folder, write_dicom, write_image, write_rows
 
-
-def write_dicom(path, pixels, photometric="MONOCHROME2", syntax=ExplicitVRLittleEndian, **tags):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = "1.2.3.4"
-    meta.TransferSyntaxUID = syntax
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, "1.2.3.4"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    if syntax == ExplicitVRLittleEndian:
-        ds.PixelData = pixels.astype(np.uint16).tobytes()
-    else:  # a compressed syntax: encapsulated bytes that only a decoder plugin could read
-        ds.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8\xff\xf7" + bytes(64)])
-        ds["PixelData"].VR = "OB"
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-RAMP = np.tile(np.linspace(0, 4000, 16), (8, 1)).round()  # 8 x 16, stored values 0 .. 4000
+SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "dicom")
 
 
 def test_monochrome1_and_monochrome2_of_the_same_pixels_decode_to_inverse_images(tmp_path):
@@ -51,12 +26,18 @@ def test_window_is_applied_after_rescale_and_before_monochrome1_inversion(tmp_pa
     # stored v -> 2v - 1000 (rescale) -> window centre 3000, width 2000: 2000 .. 4000 maps to 0 .. 1
     path = write_dicom(tmp_path / "w.dcm", RAMP, "MONOCHROME2", RescaleSlope=2, RescaleIntercept=-1000,
                        WindowCenter=3000, WindowWidth=2000)
-    image = data.read_dicom(path)
     expected = np.clip((2 * RAMP - 1000 - 2000) / 2000, 0, 1)
-    np.testing.assert_allclose(image, expected, atol=1e-6)
+    np.testing.assert_allclose(data.read_dicom(path), expected, atol=1e-6)
     path1 = write_dicom(tmp_path / "w1.dcm", RAMP, "MONOCHROME1", RescaleSlope=2, RescaleIntercept=-1000,
                         WindowCenter=3000, WindowWidth=2000)
     np.testing.assert_allclose(data.read_dicom(path1), 1 - expected, atol=1e-6)
+
+
+def test_a_dicom_without_file_meta_decodes_like_one_with_it(tmp_path):
+    with_meta = write_dicom(tmp_path / "meta.dcm", RAMP, "MONOCHROME1", WindowCenter=2000, WindowWidth=3000)
+    without = write_dicom(tmp_path / "old.dcm", RAMP, "MONOCHROME1", file_meta=False, WindowCenter=2000, WindowWidth=3000)
+    assert open(without, "rb").read(132)[128:132] != b"DICM"  # really no preamble and no meta header
+    np.testing.assert_array_equal(data.read_dicom(str(without)), data.read_dicom(str(with_meta)))
 
 
 def test_compressed_syntax_without_plugin_names_what_to_install(tmp_path):
@@ -72,72 +53,76 @@ def test_corrupt_dicom_is_reported_by_name(tmp_path):
         data.read_dicom(str(path))
 
 
-def write_rows(path, header, rows):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows([header] + rows)
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/dicom is not here (a user's clone)")
+def test_real_radiographs_decode_with_dark_lungs_or_name_their_plugin():
+    no_meta = data.read_dicom(os.path.join(SHARED, "chest-cr-mono1-10bit-no-meta.dcm"))
+    assert no_meta.shape == (440, 440) and 0.2 < no_meta.mean() < 0.8
+    mono2 = data.read_dicom(os.path.join(SHARED, "chest-cr-mono2-jpeg-baseline.dcm"))
+    mono1 = data.read_dicom(os.path.join(SHARED, "chest-cr-same-pixels-tagged-mono1.dcm"))
+    np.testing.assert_allclose(mono1, 1 - mono2, atol=1e-6)  # the same pixels, tagged MONOCHROME1: inverted
+    for image in (no_meta, mono2):  # a chest radiograph shown right: lungs (left and right of centre) darker than the spine
+        h, w = image.shape
+        lungs = image[h // 3:2 * h // 3, w // 5:2 * w // 5].mean() + image[h // 3:2 * h // 3, 3 * w // 5:4 * w // 5].mean()
+        assert lungs / 2 < image[h // 3:2 * h // 3, 9 * w // 20:11 * w // 20].mean()
+    for name in ("chest-cr-mono1-15bit-jpeg2000.dcm", "chest-cr-mono1-15bit-jpegls.dcm", "cr-mono1-jpeg-lossless-modality-lut-seq.dcm"):
+        try:
+            image = data.read_dicom(os.path.join(SHARED, name))
+            assert image.dtype == np.float32 and 0 <= image.min() < image.max() <= 1
+        except data.DataError as err:  # no decoder installed: the message names the file and what to install
+            assert name in str(err) and "pip install pylibjpeg" in str(err)
 
 
-def vindr_folder(root, test_other="Other disease"):
-    """A hand-made VinDr-CXR folder: two training images read by three readers, one test image."""
-    globals_train = ["COPD", "Lung tumor", "Pneumonia", "Tuberculosis", "Other diseases", "No finding"]
-    globals_test = globals_train[:4] + [test_other, "No finding"]
-    L = data.LOCAL_LABELS
-
-    def row(ids, positives, no_finding):
-        return ids + [int(n in positives) for n in L] + [0, 0, 0, 0, 0, no_finding]
-
-    write_rows(root / "annotations" / "image_labels_train.csv", ["image_id", "rad_id"] + L + globals_train, [
-        row(["a", "R1"], {"Cardiomegaly", "Nodule/Mass"}, 0),
-        row(["a", "R2"], {"Cardiomegaly"}, 0),
-        row(["a", "R3"], set(), 1),
-        row(["b", "R1"], {"ILD"}, 0),  # one reader of three: positive for 'any', negative for 'majority'
-        row(["b", "R4"], set(), 1),
-        row(["b", "R5"], set(), 0),  # a reader who says neither finding nor 'No finding'
-    ])
-    write_rows(root / "annotations" / "image_labels_test.csv", ["image_id"] + L + globals_test,
-               [row(["t"], {"Pleural effusion"}, 0)])
-    box_header = ["class_name", "x_min", "y_min", "x_max", "y_max"]
-    write_rows(root / "annotations" / "annotations_train.csv", ["image_id", "rad_id"] + box_header, [
-        ["a", "R1", "Cardiomegaly", 10, 20, 30, 40], ["a", "R3", "No finding", "", "", "", ""],
-        ["b", "R4", "Cardiomegally", 1, 2, 3, 4]])  # a misspelt class: not a box, but not dropped silently
-    write_rows(root / "annotations" / "annotations_test.csv", ["image_id"] + box_header,
-               [["t", "Pleural effusion", 0, 50, 40, 60]])
-    for split, ids in (("train", "ab"), ("test", "t")):
-        os.makedirs(root / split, exist_ok=True)
-        for i in ids:
-            write_dicom(root / split / f"{i}.dicom", RAMP)
-    return root
+def test_a_16_bit_png_of_12_bit_values_keeps_its_grey_levels(tmp_path):
+    values = np.tile(np.arange(0, 4096, 4, dtype=np.uint16), (64, 1))  # 12-bit values in a 16-bit PNG
+    Image.fromarray(values).save(tmp_path / "x.png")
+    image = data.read_image(str(tmp_path / "x.png"))
+    assert image.min() == 0 and image.max() == 1
+    assert len(np.unique(data.resize_uint8(image, 256))) > 200  # not 17 levels, as with a division by 65535
 
 
-def test_vindr_readers_majority_and_any(tmp_path):
-    root = str(vindr_folder(tmp_path))
-    major = data.load_source(root, "train", "majority")
-    anyone = data.load_source(root, "train", "any")
-    col = {name: k for k, name in enumerate(data.LOCAL_LABELS)}
-    assert major.image_ids == ["a", "b"]
-    assert major.local[0, col["Cardiomegaly"]] == 1 and major.local[0, col["Nodule/Mass"]] == 0
-    assert major.local[1].sum() == 0 and list(major.abnormal) == [1, 0]
-    assert anyone.local[0, col["Nodule/Mass"]] == 1 and anyone.local[1, col["ILD"]] == 1
-    assert list(anyone.abnormal) == [1, 1]
-    # b: normal by its local labels, but only one of three readers said 'No finding': counted, not hidden
-    assert any(note.startswith("train: 1 of 2 images") for note in major.notes)
-    np.testing.assert_array_equal(major.boxes, [[0, col["Cardiomegaly"], 10, 20, 30, 40]])
-    assert any("outside the label set not used: Cardiomegally" in note for note in major.notes)
+def test_csv_with_8_and_16_bit_pngs_a_byte_order_mark_and_an_excel_header(tmp_path):
+    os.makedirs(tmp_path / "img")
+    Image.fromarray(np.full((30, 20), 128, np.uint8)).save(tmp_path / "img" / "a.png")
+    Image.fromarray((RAMP * 16).astype(np.uint16)).save(tmp_path / "img" / "b.png")
+    # what Excel writes: a byte-order mark before the first column, here a label
+    write_rows(tmp_path / "set.csv", ["Pneumonia", "path", "Effusion", "split"],
+               [[1, "img/a.png", 0, "train"], [0, "img/b.png", 0, "train"], [0, "img/a.png", 1, "test"]], bom=True)
+    train = data.load_source(str(tmp_path / "set.csv"), "train")
+    assert train.label_names == ["Pneumonia", "Effusion"] and train.local.tolist() == [[1, 0], [0, 0]]
+    assert train.abnormal.tolist() == [1, 0]
+    assert abs(data.read_image(train.paths[0]).mean() - 128 / 255) < 1e-6
+    folder = data.build_cache(train, 16, str(tmp_path / "cache"), workers=1, verbose=False)
+    ds = data.XrayDataset(folder)
+    assert ds[0][0].shape == (1, 16, 16) and abs(ds[0][0].mean().item() - 128 / 255) < 0.01
 
 
-@pytest.mark.parametrize("spelling", ["Other disease", "Other diseases"])
-def test_vindr_test_split_accepts_both_spellings(tmp_path, spelling):
-    test = data.load_source(str(vindr_folder(tmp_path, spelling)), "test")
-    assert test.image_ids == ["t"] and test.local[0, data.LOCAL_LABELS.index("Pleural effusion")] == 1
-    assert test.boxes.shape == (1, 6)
+def test_a_csv_with_a_header_and_no_rows_says_the_split_is_empty(tmp_path):
+    write_rows(tmp_path / "empty.csv", ["path", "Pneumonia"], [], bom=True)
+    with pytest.raises(data.DataError, match="the train split is empty"):
+        data.load_source(str(tmp_path / "empty.csv"), "train")
+
+
+@pytest.mark.parametrize("value", ["2", "0.5", "yes"])
+def test_a_label_that_is_not_1_0_or_minus_1_is_named_with_its_line(tmp_path, value):
+    write_image(tmp_path / "a.png", 0, True)
+    write_rows(tmp_path / "bad.csv", ["path", "Pneumonia", "Effusion"], [["a.png", 1, 0], ["a.png", 0, value]])
+    with pytest.raises(data.DataError, match=rf"bad.csv, line 3, column 'Effusion': holds '{value}'"):
+        data.load_sources(str(tmp_path / "bad.csv"))
+
+
+@pytest.mark.parametrize("policy, expected", [("zeros", 0), ("ones", 1)])
+def test_uncertain_and_blank_labels_are_read_by_policy_and_counted(tmp_path, policy, expected):
+    for n in range(10):
+        write_image(tmp_path / f"{n}.png", n, n % 2)
+    write_rows(tmp_path / "u.csv", ["path", "split", "Edema", "Effusion"],
+               [[f"{n}.png", "train" if n < 8 else "test", -1 if n == 0 else n % 2, "" if n == 1 else 0] for n in range(10)])
+    train = data.load_sources(str(tmp_path / "u.csv"), uncertain=policy)["train"]
+    assert train.local[0, 0] == expected and train.local[1, 1] == 0
+    assert any(f"1 blank label cells read as 0, 1 uncertain (-1) read as {expected} (--uncertain {policy})" in n for n in train.notes)
 
 
 def test_missing_column_file_and_folder_are_named(tmp_path):
-    root = vindr_folder(tmp_path)
-    os.remove(root / "train" / "b.dicom")
-    with pytest.raises(data.DataError, match=r"b\.dicom: listed in .*image_labels_train.csv but no such file"):
-        data.load_source(str(root), "train")
+    write_image(tmp_path / "a.png", 0, True)
     with pytest.raises(data.DataError, match="no such file or folder"):
         data.load_source(str(tmp_path / "nowhere"), "train")
     write_rows(tmp_path / "x.csv", ["path", "split"], [["a.png", "train"]])
@@ -146,46 +131,62 @@ def test_missing_column_file_and_folder_are_named(tmp_path):
     write_rows(tmp_path / "y.csv", ["file", "Cardiomegaly"], [["a.png", 1]])
     with pytest.raises(data.DataError, match="missing column 'path'"):
         data.load_source(str(tmp_path / "y.csv"), "train")
+    write_rows(tmp_path / "z.csv", ["path", "Cardiomegaly", "split"], [["a.png", 1, "train"], ["b.png", 0, "test"]])
+    with pytest.raises(data.DataError, match=r"b\.png: listed in .*z.csv but no such file \(1 missing in all\)"):
+        data.load_source(str(tmp_path / "z.csv"), "train")
 
 
-def test_kaggle_layout_and_its_deterministic_split(tmp_path):
+def csv_set(tmp_path, n=60, patients=None, split=False):
     rows = []
-    for n in range(40):
-        image_id = f"img{n:03d}"
-        for rad in ("R8", "R9", "R10"):
-            rows.append([image_id, "Cardiomegaly" if n % 2 and rad != "R10" else "No finding",
-                         3 if n % 2 and rad != "R10" else 14, rad, 1, 2, 3, 4])
-        os.makedirs(tmp_path / "train", exist_ok=True)
-        write_dicom(tmp_path / "train" / f"{image_id}.dicom", RAMP)
-    write_rows(tmp_path / "train.csv", ["image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max",
-                                        "y_max"], rows)
-    train, test = data.load_source(str(tmp_path), "train"), data.load_source(str(tmp_path), "test")
-    assert set(train.image_ids) | set(test.image_ids) == {f"img{n:03d}" for n in range(40)}
-    assert not set(train.image_ids) & set(test.image_ids)
-    assert test.image_ids == sorted(i for i in test.image_ids if data.hash_fraction(i) < 0.2) and 2 <= len(test.image_ids) <= 16
-    assert train.label_names == data.KAGGLE_LABELS and len(train.label_names) == 14
-    card = train.label_names.index("Cardiomegaly")
-    odd = np.array([int(i[3:]) % 2 for i in train.image_ids])
-    np.testing.assert_array_equal(train.local[:, card], odd)  # two of three readers: positive by majority
+    for k in range(n):
+        write_image(tmp_path / "img" / f"{k}.png", k, k % 3 == 0)
+        rows.append([f"img/{k}.png", int(k % 3 == 0)] + ([f"p{k % patients}"] if patients else []) + (["train"] if split else []))
+    header = ["path", "Nodule"] + (["patient_id"] if patients else []) + (["split"] if split else [])
+    write_rows(tmp_path / "set.csv", header, rows)
+    return str(tmp_path / "set.csv")
 
 
-def test_csv_format_with_8_and_16_bit_pngs(tmp_path):
-    os.makedirs(tmp_path / "img")
-    Image.fromarray(np.full((30, 20), 128, np.uint8)).save(tmp_path / "img" / "a.png")
-    Image.fromarray(np.full((20, 30), 65535, np.uint16)).save(tmp_path / "img" / "b.png")
-    write_rows(tmp_path / "set.csv", ["path", "Pneumonia", "Effusion", "split"],
-               [["img/a.png", 1, 0, "train"], ["img/b.png", 0, 0, "train"], ["img/a.png", 0, 1, "test"]])
-    train = data.load_source(str(tmp_path / "set.csv"), "train")
-    assert train.label_names == ["Pneumonia", "Effusion"] and train.local.tolist() == [[1, 0], [0, 0]]
-    assert train.abnormal.tolist() == [1, 0]
-    assert abs(data.read_image(train.paths[0]).mean() - 128 / 255) < 1e-6
-    assert data.read_image(train.paths[1]).min() == 1.0
-    folder = data.build_cache(train, 16, str(tmp_path / "cache"), workers=1, verbose=False)
-    ds = data.XrayDataset(folder)
-    assert ds[0][0].shape == (1, 16, 16) and abs(ds[0][0].mean().item() - 128 / 255) < 0.01
-    write_rows(tmp_path / "bad.csv", ["path", "Pneumonia"], [["img/a.png", "yes"]])
-    with pytest.raises(data.DataError, match="column 'Pneumonia' holds 'yes'"):
-        data.load_source(str(tmp_path / "bad.csv"), "train")
+def cached(sources, tmp_path):
+    return {s: data.XrayDataset(data.build_cache(src, 16, str(tmp_path / "cache"), workers=1, verbose=False))
+            for s, src in sources.items()}
+
+
+def test_without_split_or_ids_test_and_validation_are_disjoint_and_both_drawn(tmp_path):
+    # the bug: test and validation were both chosen by the same unsalted hash, so validation was always empty
+    sets = cached(data.load_sources(csv_set(tmp_path)), tmp_path)
+    train, test = sets["train"], sets["test"]
+    val = data.validation_rows(train, 0.25)
+    assert len(test) > 0 and len(val) > 0 and len(val) < len(train)
+    val_ids = {train.image_ids[n] for n in val}
+    assert not val_ids & set(test.image_ids) and val_ids <= set(train.image_ids)
+    assert len(data.validation_rows(train, 0.0)) == 0
+
+
+def test_a_patient_is_never_in_two_splits(tmp_path):
+    sources = data.load_sources(csv_set(tmp_path, n=80, patients=20))
+    train, test = sources["train"], sources["test"]
+    assert set(train.groups).isdisjoint(test.groups) and len(set(test.groups)) >= 1
+    assert train.groups[0] == "p0" or "p0" in test.groups  # the patient column is the group
+    sets = cached(sources, tmp_path)
+    val = data.validation_rows(sets["train"], 0.3)
+    val_patients = {sets["train"].groups[n] for n in val}
+    rest = {sets["train"].groups[n] for n in np.setdiff1d(sets["train"].indices, val)}
+    assert val_patients and val_patients.isdisjoint(rest)
+
+
+def test_the_same_image_twice_is_reported_within_and_across_splits(tmp_path):
+    write_image(tmp_path / "a.png", 1, True)
+    write_image(tmp_path / "b.png", 2, False)
+    write_image(tmp_path / "c.png", 3, True)
+    Image.open(tmp_path / "a.png").save(tmp_path / "a-copy.png")  # another file, the same pixels
+    write_rows(tmp_path / "leak.csv", ["path", "Nodule", "split", "patient_id"],
+               [["a.png", 1, "train", "p1"], ["a-copy.png", 1, "train", "p2"], ["b.png", 0, "train", "p3"],
+                ["a.png", 1, "test", "p4"], ["c.png", 1, "test", "p3"]])
+    sets = cached(data.load_sources(str(tmp_path / "leak.csv")), tmp_path)
+    notes = data.overlap_notes(sets)
+    assert "train: 1 images repeat another image of train (the same pixels)" in notes
+    assert any(n.startswith("leak: 1 images of test are also in train (the same pixels), e.g. a.png") for n in notes)
+    assert any(n.startswith("leak: 1 patients have images in both train and test, e.g. p3") for n in notes)
 
 
 def test_cache_round_trip_with_boxes_and_a_corrupt_file_skipped(tmp_path):
@@ -204,12 +205,11 @@ def test_cache_round_trip_with_boxes_and_a_corrupt_file_skipped(tmp_path):
     np.testing.assert_allclose(ds.boxes(0), [[3, 10 * 32 / 16, 20 * 32 / 8, 30 * 32 / 16, 40 * 32 / 8]])
     assert data.build_cache(source, 32, str(tmp_path / "cache")) == folder  # complete: reused
     assert data.build_cache(source, 16, str(tmp_path / "cache")) != folder  # another size: another cache
+    assert len(data.XrayDataset(folder, [])) == 0  # an empty selection is empty, not a float array
 
 
 def test_interrupted_cache_build_resumes_where_it_stopped(tmp_path, monkeypatch):
-    root = str(synthetic.make_synthetic(str(tmp_path / "syn"), n_train=12, n_test=2, workers=1, verbose=False))
-    source = data.load_source(root, "train")
-    cache = str(tmp_path / "cache")
+    source, cache = synthetic_train(tmp_path)
     calls = []
     real = data._decode_one
 
@@ -225,13 +225,49 @@ def test_interrupted_cache_build_resumes_where_it_stopped(tmp_path, monkeypatch)
         data.build_cache(source, 24, cache, verbose=False)
     folder = os.path.join(cache, os.listdir(cache)[0])
     assert not os.path.exists(os.path.join(folder, "meta.json")) and np.load(os.path.join(folder, "done.npy")).sum() == 5
-    calls.clear()
     monkeypatch.setattr(data, "_decode_one", real)
     data.build_cache(source, 24, cache, verbose=False)
     ds = data.XrayDataset(folder)
     assert len(ds) == 12
     for n in range(12):
         np.testing.assert_array_equal(ds.images[n], data.resize_uint8(data.read_dicom(source.paths[n]), 24))
+
+
+def synthetic_train(tmp_path):
+    root = str(synthetic.make_synthetic(str(tmp_path / "syn"), n_train=12, n_test=2, workers=1, verbose=False))
+    return data.load_source(root, "train"), str(tmp_path / "cache")
+
+
+def truncate(path, keep=1000):
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+
+
+@pytest.mark.parametrize("complete", [False, True])
+def test_a_truncated_cache_is_said_and_rebuilt_never_read_as_black_images(tmp_path, capsys, complete, monkeypatch):
+    source, cache = synthetic_train(tmp_path)
+    monkeypatch.setattr(data, "Pool", InlinePool)
+    folder = data.build_cache(source, 24, cache, verbose=False)
+    if not complete:  # an unfinished build: its flags say done, its pixels were cut off
+        os.remove(os.path.join(folder, "meta.json"))
+        np.save(os.path.join(folder, "done.npy"), np.ones(12, bool))
+    truncate(os.path.join(folder, "images.npy"))
+    if complete:
+        with pytest.raises(data.DataError, match=f"{folder}: damaged cache .*images.npy"):
+            data.XrayDataset(folder)
+    assert data.build_cache(source, 24, cache, verbose=False) == folder
+    assert f"cache: {folder} is damaged (images.npy" in capsys.readouterr().out
+    ds = data.XrayDataset(folder)
+    assert len(ds) == 12 and all(ds.images[n].max() > 0 for n in range(12))
+    np.testing.assert_array_equal(ds.images[11], data.resize_uint8(data.read_dicom(source.paths[11]), 24))
+
+
+def test_another_process_waits_for_a_cache_it_does_not_build(tmp_path):
+    source, cache = synthetic_train(tmp_path)
+    with pytest.raises(data.NotReady):
+        data.build_cache(source, 24, cache, verbose=False, create=False)
+    folder = data.build_cache(source, 24, cache, workers=1, verbose=False)
+    assert data.build_cache(source, 24, cache, verbose=False, create=False) == folder
 
 
 class InlinePool:
@@ -250,50 +286,3 @@ class InlinePool:
         return map(fn, jobs)
 
     imap = imap_unordered
-
-
-def test_synthetic_generator_is_byte_identical_for_a_seed(tmp_path):
-    a = synthetic.make_synthetic(str(tmp_path / "a"), n_train=6, n_test=3, seed=7, workers=2, verbose=False)
-    b = synthetic.make_synthetic(str(tmp_path / "b"), n_train=6, n_test=3, seed=7, workers=1, verbose=False)
-    c = synthetic.make_synthetic(str(tmp_path / "c"), n_train=6, n_test=3, seed=8, workers=1, verbose=False)
-    files = sorted(os.path.relpath(os.path.join(d, f), a) for d, _, fs in os.walk(a) for f in fs)
-    assert len(files) == 6 + 3 + 4 + 1
-    for f in files:
-        assert open(os.path.join(a, f), "rb").read() == open(os.path.join(b, f), "rb").read(), f
-    assert open(os.path.join(a, "annotations", "image_labels_test.csv")).read() != \
-        open(os.path.join(c, "annotations", "image_labels_test.csv")).read()
-    train = data.load_source(a, "train")
-    assert len(train.image_ids) == 6 and {len(set(r["rad_id"] for r in csv.DictReader(
-        open(os.path.join(a, "annotations", "image_labels_train.csv"))) if r["image_id"] == i)) for i in train.image_ids} == {3}
-
-
-@pytest.mark.parametrize("label", sorted(set(data.LOCAL_LABELS) - {"Mediastinal shift"}))
-def test_each_synthetic_finding_is_drawn_inside_its_box(label):
-    h, w = 224, 208
-    plain, _ = synthetic.synthetic_chest(np.random.default_rng(3), h, w, [])
-    drawn, boxes = synthetic.synthetic_chest(np.random.default_rng(3), h, w, [label])
-    (name, x0, y0, x1, y1), = boxes
-    assert name == label
-    diff = np.abs(drawn.astype(np.float64) - plain)
-    inside = diff[int(y0 * h):int(np.ceil(y1 * h)) + 1, int(x0 * w):int(np.ceil(x1 * w)) + 1].sum()
-    assert diff.sum() > 0.5 and inside >= 0.8 * diff.sum(), (inside, diff.sum())
-
-
-def test_fine_findings_vanish_at_28_and_coarse_ones_stay():
-    # the point of the synthetic set: what a finding changes in the image, seen at 224 and after 28 x 28
-    low = lambda image: simulate_low_resolution(torch.from_numpy(image)[None, None], 28)[0, 0].numpy()
-    for label in data.LOCAL_LABELS:
-        for seed in (0, 1):
-            plain, _ = synthetic.synthetic_chest(np.random.default_rng(seed), 224, 224, [])
-            drawn, _ = synthetic.synthetic_chest(np.random.default_rng(seed), 224, 224, [label])
-            kept = np.abs(low(drawn) - low(plain)).sum() / np.abs(drawn - plain).sum()
-            assert (kept > 0.9) if label in synthetic.COARSE else (kept < 0.5), (label, seed, kept)
-
-
-def test_synthetic_test_labels_and_boxes_agree(tmp_path):
-    root = synthetic.make_synthetic(str(tmp_path / "s"), n_train=2, n_test=20, seed=1, workers=1, verbose=False)
-    test = data.load_source(root, "test")
-    boxed = np.zeros_like(test.local)
-    boxed[test.boxes[:, 0].astype(int), test.boxes[:, 1].astype(int)] = 1
-    np.testing.assert_array_equal(boxed, test.local)
-    assert 0 < test.abnormal.sum() < 20

@@ -30,6 +30,17 @@ def test_simulate_low_resolution_keeps_size_and_removes_fine_detail():
     assert torch.equal(simulate_low_resolution(hr, 224), hr)
 
 
+def test_an_image_gets_the_same_low_resolution_input_alone_and_in_a_batch():
+    g = torch.Generator().manual_seed(0)
+    batch = torch.rand(5, 1, 64, 64, generator=g)
+    batch[1] *= 0.2  # a dark image next to bright ones: a batch-wide clamp would let it overshoot into their range
+    batch[1, :, :, 32:] = 0.2
+    alone = torch.cat([simulate_low_resolution(batch[i:i + 1], 16) for i in range(5)])
+    together = simulate_low_resolution(batch, 16)
+    torch.testing.assert_close(together, alone, rtol=0, atol=0)
+    assert together[1].max() <= batch[1].max() and together[1].min() >= batch[1].min()
+
+
 def test_mlcak_map_is_the_mean_over_heads_and_layers():
     a1 = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]]]])  # (1, 2 heads, 2, 2)
     a2 = torch.tensor([[[[0.5, 0.5], [0.5, 0.5]], [[1.0, 0.0], [1.0, 0.0]]]])

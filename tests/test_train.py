@@ -2,6 +2,7 @@
 
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -149,13 +150,62 @@ def test_two_gloo_processes_agree_with_one_at_the_same_global_batch(tiny):
             assert abs(x - y) <= 0.02
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_flags(tmp, out, cache):
+    return ["--data", str(tmp / "syn"), "--out", str(out), "--cache-dir", str(cache), "--img-size", "64", "--res", "32",
+            "--epochs", "1", "--batch-size", "8", "--bootstrap", "0"]
+
+
+def test_a_slow_cache_build_on_rank_0_does_not_time_out_the_other_ranks(tiny, tmp_path):
+    tmp, _, _ = tiny
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # slow_cache.py: build delayed 8 s, process-group timeout 5 s
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/slow_cache.py",
+           *ddp_flags(tmp, tmp_path / "runs", tmp_path / "cache")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "rank 1: waiting for local rank 0 to build" in result.stdout and "mlcak epoch 1/1" in result.stdout
+
+
+def two_machines(tmp, tmp_path, outs):
+    """Two processes as two machines of one process each (LOCAL_RANK 0 on both), each with its own cache folder."""
+    port, processes = free_port(), []
+    for rank in range(2):
+        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        cmd = [sys.executable, "train.py", *ddp_flags(tmp, outs[rank], tmp_path / f"disk{rank}" / "cache")]
+        processes.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return [(p.wait(timeout=600), *p.communicate()) for p in processes]
+
+
+def test_two_machines_each_build_their_own_cache_and_train_together(tiny, tmp_path):
+    tmp, _, _ = tiny
+    results = two_machines(tmp, tmp_path, [tmp_path / "shared"] * 2)
+    for code, out, err in results:
+        assert code == 0, out + err
+    assert "mlcak epoch 1/1" in results[0][1] and "test set:" in results[0][1] and "epoch" not in results[1][1]
+    for disk in ("disk0", "disk1"):  # each machine's cache, complete
+        caches = os.listdir(tmp_path / disk / "cache")
+        assert len(caches) == 2 and all(os.path.isfile(tmp_path / disk / "cache" / c / "meta.json") for c in caches)
+
+
+def test_an_out_folder_that_the_machines_do_not_share_is_one_line(tiny, tmp_path):
+    tmp, _, _ = tiny
+    for code, out, err in two_machines(tmp, tmp_path, [tmp_path / "a", tmp_path / "b"]):
+        assert code == 1 and "rank(s) [1] do not see rank 0's files there" in err and err.strip().count("\n") == 0
+
+
 def test_a_killed_run_resumes_to_the_same_weights(tiny):
     tmp, _, _ = tiny
     cmd = [sys.executable, "train.py", "--data", str(tmp / "syn"), "--out", str(tmp / "killed"), "--cache-dir",
-           str(tmp / "cache"), "--epochs", "3", "--batch-size", "8", "--res", "28", "--bootstrap", "0"]
+           str(tmp / "cache"), "--epochs", "3", "--batch-size", "8", "--res", "28", "--bootstrap", "0", "--log-every", "1"]
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     for line in process.stdout:
-        if line.startswith("teacher epoch 2/3"):  # in the middle of the teacher's second epoch
+        if line.startswith("teacher epoch 2/3 step"):  # in the middle of the teacher's second epoch
             process.kill()
             break
     process.wait()

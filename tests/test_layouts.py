@@ -1,0 +1,195 @@
+"""Each dataset layout as people download it: read, then trained end to end for one short epoch (train.cli)."""
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+import data
+import train
+from helpers import RAMP, chexpert_folder, class_folders, nih_folder, vindr_folder, write_dicom, write_image, write_rows
+
+
+def short_run(capsys, tmp_path, dataset, *extra):
+    """train.py on a layout, in this process: teacher, mlcak student, test table. Returns its output."""
+    code = train.cli(["--data", str(dataset), "--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
+                      "--img-size", "64", "--res", "32", "--epochs", "1", "--batch-size", "4", "--bootstrap", "0",
+                      "--log-every", "1", *extra])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    assert "teacher epoch 1/1" in out and re.search(r"mean local AUROC \(\d+/\d+ labels\)", out)
+    return out
+
+
+def test_vindr_readers_majority_and_any(tmp_path):
+    root = str(vindr_folder(tmp_path))
+    major = data.load_source(root, "train", readers="majority")
+    anyone = data.load_source(root, "train", readers="any")
+    col = {name: k for k, name in enumerate(data.LOCAL_LABELS)}
+    assert major.image_ids == ["a", "b"]
+    assert major.local[0, col["Cardiomegaly"]] == 1 and major.local[0, col["Nodule/Mass"]] == 0
+    assert major.local[1].sum() == 0 and list(major.abnormal) == [1, 0]
+    assert anyone.local[0, col["Nodule/Mass"]] == 1 and anyone.local[1, col["ILD"]] == 1
+    assert list(anyone.abnormal) == [1, 1]
+    # b: normal by its local labels, but only one of three readers said 'No finding': counted, not hidden
+    assert any(note.startswith("train: 1 of 2 images") for note in major.notes)
+    np.testing.assert_array_equal(major.boxes, [[0, col["Cardiomegaly"], 10, 20, 30, 40]])
+    assert any("outside the label set not used: Cardiomegally" in note for note in major.notes)
+
+
+@pytest.mark.parametrize("spelling", ["Other disease", "Other diseases"])
+def test_vindr_test_split_accepts_both_spellings(tmp_path, spelling):
+    test = data.load_source(str(vindr_folder(tmp_path, spelling)), "test")
+    assert test.image_ids == ["t"] and test.local[0, data.LOCAL_LABELS.index("Pleural effusion")] == 1
+    assert test.boxes.shape == (1, 6)
+
+
+def kaggle_folder(root, n=40, resized=None, meta=True):
+    """VinBigData: train.csv, a row per box per reader; train/<id>.dicom, or a resized copy (train/<id>.png at
+    `resized` px, boxes still in the original 128 x 96 pixels, train_meta.csv giving that size)."""
+    rows = []
+    for k in range(n):
+        image_id = f"img{k:03d}"
+        sick = k % 2
+        for rad in ("R8", "R9", "R10"):
+            finding = sick and rad != "R10"
+            rows.append([image_id, "Cardiomegaly" if finding else "No finding", 3 if finding else 14, rad,
+                         *([32, 24, 64, 48] if finding else ["", "", "", ""])])
+        if resized:
+            write_image(os.path.join(root, "train", f"{image_id}.png"), k, sick, size=resized)
+        else:
+            os.makedirs(os.path.join(root, "train"), exist_ok=True)
+            write_dicom(os.path.join(root, "train", f"{image_id}.dicom"), RAMP)
+    write_rows(os.path.join(root, "train.csv"), ["image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max", "y_max"], rows)
+    if resized and meta:
+        write_rows(os.path.join(root, "train_meta.csv"), ["image_id", "dim0", "dim1"], [[f"img{k:03d}", 96, 128] for k in range(n)])
+    return str(root)
+
+
+def test_kaggle_layout_its_split_and_its_validation(tmp_path):
+    root = kaggle_folder(tmp_path)
+    sources = data.load_sources(root)
+    train_ids, test_ids = set(sources["train"].image_ids), set(sources["test"].image_ids)
+    assert train_ids | test_ids == {f"img{k:03d}" for k in range(40)} and not train_ids & test_ids
+    assert test_ids == {i for i in train_ids | test_ids if data.hash_fraction(i) < 0.2} and 2 <= len(test_ids) <= 16
+    assert sources["train"].label_names == data.KAGGLE_LABELS and len(data.KAGGLE_LABELS) == 14
+    card = data.KAGGLE_LABELS.index("Cardiomegaly")
+    odd = np.array([int(i[3:]) % 2 for i in sources["train"].image_ids])
+    np.testing.assert_array_equal(sources["train"].local[:, card], odd)  # two of three readers: positive by majority
+    cache = data.XrayDataset(data.build_cache(sources["train"], 16, str(tmp_path / "cache"), workers=1, verbose=False))
+    assert len(data.validation_rows(cache, 0.1)) > 0  # the bug: always empty, then an IndexError
+
+
+def test_kaggle_resized_copy_finds_pngs_and_rescales_boxes_from_the_original_size(tmp_path):
+    sources = data.load_sources(kaggle_folder(tmp_path / "png", resized=48))
+    train = sources["train"]
+    assert all(p.endswith(".png") for p in train.paths)
+    ds = data.XrayDataset(data.build_cache(train, 64, str(tmp_path / "cache"), workers=1, verbose=False))
+    n = next(n for n in ds.indices if len(ds.boxes(n)))
+    # a box 32..64 x 24..48 in the original 128 x 96 pixels: 16..32 x 16..32 on the 64 px cache image
+    np.testing.assert_allclose(ds.boxes(n)[0, 1:], [16, 16, 32, 32])
+    without = data.load_sources(kaggle_folder(tmp_path / "nometa", resized=48, meta=False))["train"]
+    assert len(without.boxes) == 0 and any("train_meta.csv is missing" in note for note in without.notes)
+
+
+def test_kaggle_layout_trains_end_to_end(tmp_path, capsys):
+    out = short_run(capsys, tmp_path, kaggle_folder(tmp_path / "kaggle", resized=48))
+    assert "mlcak epoch 1/1" in out and "attention in box" in out  # boxes rescaled: localization is measured
+
+
+def test_nih_layout_lists_boxes_and_label_spelling(tmp_path):
+    root = nih_folder(tmp_path / "nih")
+    sources = data.load_sources(root)
+    train, test = sources["train"], sources["test"]
+    assert train.label_names == data.NIH_LABELS and len(data.NIH_LABELS) == 14
+    assert set(test.image_ids) == {line.strip() for line in open(os.path.join(root, "test_list.txt"))}
+    assert set(train.groups).isdisjoint(test.groups)  # the official split is by patient
+    n = train.image_ids.index("00000001_001.png")  # 'Infiltration|Effusion'
+    assert train.local[n].tolist() == [int(k in ("Infiltration", "Effusion")) for k in data.NIH_LABELS] and train.abnormal[n] == 1
+    normal = train.image_ids.index("00000003_001.png")  # 'No Finding'
+    assert train.local[normal].sum() == 0 and train.abnormal[normal] == 0
+    assert "images_002" in train.paths[train.image_ids.index("00000001_000.png")]  # spread over images_00N/images/
+    np.testing.assert_allclose(train.boxes, [[n, data.NIH_LABELS.index("Effusion"), 4.5, 6, 14.5, 18]])  # x, y, w, h
+    assert test.boxes[0, 1] == data.NIH_LABELS.index("Infiltration")  # 'Infiltrate' in BBox_List_2017.csv
+    hashed = data.load_sources(nih_folder(tmp_path / "nolists", lists=False))
+    assert set(hashed["train"].groups).isdisjoint(hashed["test"].groups)  # no lists: a hash split by patient
+    assert any("held out by a hash" in note for note in hashed["train"].notes)
+
+
+def test_nih_layout_trains_end_to_end(tmp_path, capsys):
+    out = short_run(capsys, tmp_path, nih_folder(tmp_path / "nih"))
+    assert "14 local labels" in out and "mlcak epoch 1/1" in out
+
+
+@pytest.mark.parametrize("policy", ["zeros", "ones"])
+def test_chexpert_frontal_views_uncertain_policy_and_blank_labels(tmp_path, policy):
+    root = chexpert_folder(str(tmp_path))
+    sources = data.load_sources(root, uncertain=policy)
+    train, test = sources["train"], sources["test"]
+    assert train.label_names == data.CHEXPERT_LABELS and len(train.image_ids) == 16 and len(test.image_ids) == 16
+    assert all("frontal" in p for p in train.paths) and any("32 lateral views not used" in n for n in train.notes)
+    edema = data.CHEXPERT_LABELS.index("Edema")
+    patient = {g: n for n, g in enumerate(train.groups)}
+    assert train.local[patient["patient00001"], edema] == 1  # 1.0
+    assert train.local[patient["patient00003"], edema] == 0  # 0.0
+    assert train.local[patient["patient00002"], edema] == (policy == "ones")  # -1.0: uncertain
+    assert train.abnormal[patient["patient00003"]] == 0 and train.abnormal[patient["patient00001"]] == 1  # No Finding
+    assert any(f"uncertain (-1) read as {int(policy == 'ones')} (--uncertain {policy})" in n for n in train.notes)
+    assert all(os.path.isfile(p) for p in test.paths) and test.groups[0] == "patient64541"  # valid.csv is the test split
+
+
+def test_chexpert_trains_end_to_end_with_the_uncertain_flag(tmp_path, capsys):
+    out = short_run(capsys, tmp_path, chexpert_folder(str(tmp_path)), "--uncertain", "ones", "--views", "all")
+    assert "(--uncertain ones)" in out and "lateral" not in out and "13 local labels" in out
+
+
+def test_class_folders_with_split_folders_and_a_val_folder(tmp_path):
+    root = class_folders(tmp_path / "cls", splits=("train", "val", "test"), normal="normal")
+    sources = data.load_sources(root)
+    train, test = sources["train"], sources["test"]
+    assert train.label_names == ["COVID", "PNEUMONIA"] and len(test.image_ids) == 36
+    assert train.val.sum() == 36 and all(i.startswith("val/") for i, v in zip(train.image_ids, train.val) if v)
+    n = train.image_ids.index("train/PNEUMONIA/pneumonia-train-0.png")
+    assert train.local[n].tolist() == [0, 1] and train.abnormal[n] == 1
+    assert train.abnormal[train.image_ids.index("train/normal/normal-train-0.png")] == 0
+    assert any("3 files that are not images ignored" in note for note in train.notes)
+    ds = data.XrayDataset(data.build_cache(train, 16, str(tmp_path / "cache"), workers=1, verbose=False))
+    val = data.validation_rows(ds, 0.1)
+    assert {ds.image_ids[n].split("/")[0] for n in val} == {"val"} and len(val) == 36  # the val/ folder, not a hash
+
+
+@pytest.mark.parametrize("normal", ["NORMAL", "No Finding", "negative"])
+def test_class_folders_without_split_folders_use_a_hash_split(tmp_path, normal):
+    sources = data.load_sources(class_folders(tmp_path / "flat", splits=(), per_class=20, normal=normal, junk=False))
+    assert sources["train"].label_names == ["COVID", "PNEUMONIA"]
+    assert len(sources["test"].image_ids) > 0 and not set(sources["train"].image_ids) & set(sources["test"].image_ids)
+    assert sources["train"].abnormal.sum() < len(sources["train"].image_ids)  # the normal class is normal
+
+
+def test_class_folders_train_end_to_end_and_draw_maps_of_ids_with_folders(tmp_path, capsys):
+    root = class_folders(tmp_path / "cls")
+    out = short_run(capsys, tmp_path, root, "--compare")
+    assert "baseline epoch 1/1" in out and "attention in box" not in out  # no boxes: no localization rows
+    table = next(f for f in os.listdir(tmp_path / "runs") if f.endswith(".md"))
+    assert "attention in box" not in open(tmp_path / "runs" / table).read()
+    maps = os.listdir(tmp_path / "runs" / table.replace(".md", "-maps"))
+    assert "overview.png" in maps and any(m.startswith("test_COVID_") for m in maps)  # ids with folders as file names
+
+
+def test_csv_with_boxes_patients_and_no_split_trains_and_measures_localization(tmp_path, capsys):
+    rows, boxes = [], []
+    for k in range(48):
+        sick = k % 2
+        write_image(tmp_path / "img" / f"{k // 10}" / f"{k}.png", k, sick)  # paths with folders
+        rows.append([f"img/{k // 10}/{k}.png", sick, f"p{k // 2}"])
+        if sick:
+            boxes.append([f"img/{k // 10}/{k}.png", "Nodule", 12, 12, 24, 24])
+    boxes.append(["img/0/1.png", "Mass", 1, 1, 5, 5])  # a label outside the set: counted and named
+    write_rows(tmp_path / "labels.csv", ["path", "Nodule", "patient_id"], rows)
+    write_rows(tmp_path / "boxes.csv", ["path", "label", "x_min", "y_min", "x_max", "y_max"], boxes)
+    sources = data.load_sources(str(tmp_path / "labels.csv"))
+    assert len(sources["train"].boxes) + len(sources["test"].boxes) == 24
+    assert any("outside the label set not used: Mass" in n for s in sources.values() for n in s.notes)
+    out = short_run(capsys, tmp_path, tmp_path / "labels.csv")
+    assert "attention in box" in out and "pointing game" in out
