@@ -573,6 +573,8 @@ class XrayDataset(torch.utils.data.Dataset):
     def __init__(self, folder, indices=None):
         with open(os.path.join(folder, "meta.json")) as f:
             self.meta = json.load(f)
+        if self.meta.get("version") != CACHE_VERSION:
+            raise DataError(f"{folder}: a cache of another version of data.py; delete it and run train.py to rebuild it")
         problem = damage(folder, len(self.meta["image_ids"]), self.meta["size"])
         if problem:
             raise DataError(f"{folder}: damaged cache ({problem}); delete the folder and run train.py to rebuild it")

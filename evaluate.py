@@ -55,6 +55,37 @@ def auroc(y_true, y_score):
     return float(auroc_rows(y_true, y_score)[0])
 
 
+def image_weights(n, n_boot, rng):
+    """(n_boot, n): how many times each of n test images is drawn in each resample with replacement."""
+    idx = rng.integers(0, n, (n_boot, n))  # (R, N): the images of each resample
+    return np.bincount((np.arange(n_boot)[:, None] * n + idx).ravel(), minlength=n_boot * n).reshape(n_boot, n)
+
+
+def nanmean(values, axis):
+    with warnings.catch_warnings():  # a resample with no defined label gives NaN, on purpose
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(values, axis=axis)
+
+
+def scores(prediction, weights, groups=None, located=None):
+    """
+    Every score of one model under each row of image weights (R, N): {name: (R,)}. 'mean local' is the mean AUROC
+    over the labels defined in that resample, a group's name the mean over its labels (groups: {name: [label
+    index]}), 'normal/abnormal' the global AUROC; with located = (rows, in_box, hit) per image that has boxes
+    (see localization_values), 'attention in box' and 'pointing game' are their weighted means.
+    """
+    local, abnormal, y_local, y_abnormal = prediction
+    per_label = np.stack([auroc_rows(y_local[:, k], local[:, k], weights) for k in range(y_local.shape[1])], 1)  # (R, L)
+    out = {"mean local": nanmean(per_label, 1), "per label": per_label}
+    out.update({name: nanmean(per_label[:, index], 1) for name, index in (groups or {}).items()})
+    out["normal/abnormal"] = auroc_rows(y_abnormal, abnormal, weights)
+    if located is not None:
+        rows, in_box, hit = located
+        w = weights[:, rows]  # (R, images with boxes)
+        out["attention in box"], out["pointing game"] = (w @ in_box) / w.sum(1), (w @ hit) / w.sum(1)
+    return out
+
+
 def bootstrap(predictions, n_boot=1000, seed=0):
     """
     Resamples the test images with replacement n_boot times (the same resamples for every model, so that
@@ -62,17 +93,11 @@ def bootstrap(predictions, n_boot=1000, seed=0):
     each resample) and normal/abnormal AUROC, each (n_boot,). predictions: (local, abnormal, y_local, y_abnormal)
     per model, on the same images in the same order.
     """
-    n = len(predictions[0][3])
-    idx = np.random.default_rng(seed).integers(0, n, (n_boot, n))  # (R, N): the images of each resample
-    counts = np.bincount((np.arange(n_boot)[:, None] * n + idx).ravel(), minlength=n_boot * n).reshape(n_boot, n)
+    weights = image_weights(len(predictions[0][3]), n_boot, np.random.default_rng(seed))
     out = []
-    for local, abnormal, y_local, y_abnormal in predictions:
-        per_label = np.stack([auroc_rows(y_local[:, k], local[:, k], counts) for k in range(y_local.shape[1])], 1)  # (R, L)
-        with warnings.catch_warnings():  # a resample with no defined label gives NaN, on purpose
-            warnings.simplefilter("ignore", RuntimeWarning)
-            mean_local = np.nanmean(per_label, axis=1)
-        out.append(dict(mean_local_auroc=mean_local, normal_abnormal_auroc=auroc_rows(y_abnormal, abnormal, counts),
-                        per_label=per_label))
+    for prediction in predictions:
+        s = scores(prediction, weights)
+        out.append(dict(mean_local_auroc=s["mean local"], normal_abnormal_auroc=s["normal/abnormal"], per_label=s["per label"]))
     return out
 
 
@@ -90,7 +115,7 @@ def paired_difference(point_a, point_b, samples_a, samples_b):
 
 
 @torch.no_grad()
-def predict(model, dataset, res, norm, device, batch_size=128):
+def predict(model, dataset, res, norm, device, batch_size=32):
     """Returns local probabilities (N, L), P(abnormal) (N,), and the matching targets, in dataset order."""
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
@@ -154,21 +179,26 @@ def localization(maps, masks):
     attention_in_box = mean over images of sum(map * mask): the share of attention inside the finding boxes.
     pointing_game    = mean over images of mask[argmax(map)]: the most attended pixel lies in a box.
     chance           = mean box area share: what a uniform map scores on both.
+    Returns the means and, per image, in_box and hit.
     """
     if len(masks) == 0:
         return None
     masks = np.asarray(masks)
     flat = maps.reshape(len(maps), -1)
-    hits = masks.reshape(len(masks), -1)[np.arange(len(maps)), flat.argmax(1)]
-    return dict(attention_in_box=float((maps * masks).sum((1, 2)).mean()), pointing_game=float(hits.mean()),
-                chance=float(masks.mean()), n_images=len(masks))
+    hit = masks.reshape(len(masks), -1)[np.arange(len(maps)), flat.argmax(1)].astype(np.float64)
+    in_box = (maps * masks).sum((1, 2))
+    return dict(attention_in_box=float(in_box.mean()), pointing_game=float(hit.mean()), chance=float(masks.mean()),
+                n_images=len(masks), in_box=in_box, hit=hit)
 
 
 def localization_score(model, ckpt, dataset, device):
-    rows = [int(n) for n in dataset.indices if len(dataset.boxes(int(n)))]
+    """localization of a model's attention on the test images that have boxes; 'rows' are their positions."""
+    positions = [i for i, n in enumerate(dataset.indices) if len(dataset.boxes(int(n)))]
+    rows = [int(dataset.indices[i]) for i in positions]
     size = dataset.meta["size"]
     maps = upsample(attention_maps(model, dataset, rows, ckpt["res"], ckpt["norm"], device), size)
-    return localization(maps, [box_mask(dataset.boxes(n), size) for n in rows])
+    result = localization(maps, [box_mask(dataset.boxes(n), size) for n in rows])
+    return result and dict(result, rows=np.array(positions))
 
 
 # a perceptually ordered dark-to-bright ramp (after matplotlib's inferno), interpolated linearly
@@ -239,14 +269,19 @@ def pick_rows(dataset, ids=None, count=6):
     return sorted((int(n) for n in dataset.indices), key=lambda n: (-len(dataset.boxes(n)), n))[:count]
 
 
-def evaluate_checkpoints(paths, dataset, device="cpu", n_boot=1000, pairs=None, write_json=True, seed=0):
+def evaluate_checkpoints(paths, dataset, device="cpu", n_boot=1000, pairs=None, write_json=True, seed=0, groups=None):
     """
-    Evaluates checkpoints on one test set: AUROC per label, mean local and normal/abnormal AUROC, with 95%
-    bootstrap intervals (n_boot resamples of the test images, shared by all checkpoints), the localization of
-    their attention where the test set has boxes, and paired differences: for each (i, j) in pairs (default:
-    every checkpoint against the first) the difference j - i. Writes <checkpoint>.eval.json beside each.
+    Evaluates checkpoints on one test set: AUROC per label, mean local AUROC (over all labels, and over each group
+    of labels in groups: {name: [label]}), normal/abnormal AUROC, and the localization of their attention where the
+    test set has boxes; with 95% bootstrap intervals (n_boot resamples of the test images, shared by all
+    checkpoints) and paired differences: for each (i, j) in pairs (default: every checkpoint against the first)
+    the difference j - i. Writes <checkpoint>.eval.json beside each. The resampled scores of each checkpoint are
+    kept in result["_samples"] (not written), for seed_report.
     """
-    results, predictions = [], []
+    n, rng = len(dataset), np.random.default_rng(seed)
+    weights = image_weights(n, n_boot, rng) if n_boot else None
+    index = {name: [dataset.label_names.index(label) for label in labels] for name, labels in (groups or {}).items()}
+    results = []
     for path in paths:
         model, ckpt = load_checkpoint(path, device)
         if dataset.label_names != ckpt["label_names"]:
@@ -254,27 +289,33 @@ def evaluate_checkpoints(paths, dataset, device="cpu", n_boot=1000, pairs=None, 
             where = (f"label {first + 1} is '{ckpt['label_names'][first]}', the test set's '{dataset.label_names[first]}'"
                      if first is not None else f"{len(ckpt['label_names'])} labels, the test set {len(dataset.label_names)}")
             raise data.DataError(f"{path}: trained on other labels than the test set has ({where})")
-        predictions.append(predict(model, dataset, ckpt["res"], ckpt["norm"], device))
-        result = metrics(*predictions[-1], dataset.label_names)
-        result.update(checkpoint=path, name=run_name(ckpt), localization=localization_score(model, ckpt, dataset, device))
+        prediction = predict(model, dataset, ckpt["res"], ckpt["norm"], device)
+        result = metrics(*prediction, dataset.label_names)
+        located = localization_score(model, ckpt, dataset, device)
+        located_rows = located and (located.pop("rows"), located.pop("in_box"), located.pop("hit"))
+        point = scores(prediction, np.ones((1, n)), index, located_rows)
+        result.update(checkpoint=path, name=run_name(ckpt), seed=ckpt.get("args", {}).get("seed"), localization=located,
+                      scores={k: float(v[0]) for k, v in point.items() if k != "per label"})
+        if n_boot:
+            samples = scores(prediction, weights, index, located_rows)
+            result["intervals"] = {k: interval(v) for k, v in samples.items() if k != "per label"}
+            result["mean_local_auroc_ci"], result["normal_abnormal_auroc_ci"] = result["intervals"]["mean local"], result["intervals"]["normal/abnormal"]
+            for k, m in enumerate(result["per_label"].values()):
+                m["ci"] = interval(samples["per label"][:, k]) if not math.isnan(m["auroc"]) else None
+            result["_samples"] = samples
         results.append(result)
     if n_boot:
-        samples = bootstrap(predictions, n_boot, seed)
-        for r, b in zip(results, samples):
-            r["mean_local_auroc_ci"] = interval(b["mean_local_auroc"])
-            r["normal_abnormal_auroc_ci"] = interval(b["normal_abnormal_auroc"])
-            for k, m in enumerate(r["per_label"].values()):
-                m["ci"] = interval(b["per_label"][:, k]) if not math.isnan(m["auroc"]) else None
         for i, j in pairs if pairs is not None else [(0, j) for j in range(1, len(paths))]:
-            results[j].setdefault("differences", []).append(dict(against=results[i]["name"], **{
-                key: paired_difference(results[i][key], results[j][key], samples[i][key], samples[j][key])
-                for key in ("mean_local_auroc", "normal_abnormal_auroc")}))
+            a, b = results[i], results[j]
+            results[j].setdefault("differences", []).append(dict(against=a["name"], **{
+                key: paired_difference(a["scores"][key], b["scores"][key], a["_samples"][key], b["_samples"][key])
+                for key in a["scores"]}))
     if write_json:
         for r in results:
             path = os.path.splitext(r["checkpoint"])[0] + ".eval.json"
             try:
                 with open(path, "w") as f:
-                    json.dump(r, f, indent=1)
+                    json.dump({k: v for k, v in r.items() if not k.startswith("_")}, f, indent=1)
                 r["eval_json"] = path
             except OSError as err:  # a read-only run folder: the results are still printed
                 print(f"evaluate: cannot write {path} ({type(err).__name__}: {err.strerror}); results printed only",
@@ -287,28 +328,41 @@ def run_name(ckpt):
     return f"{ckpt['role']}@{ckpt['res']}"
 
 
+def label_groups(path):
+    """{name: [label]} from label_groups.json beside a dataset (the synthetic set's coarse/subtle/fine), or {}."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    file = os.path.join(folder, "label_groups.json")
+    if not os.path.isfile(file):
+        return {}
+    with open(file) as f:
+        return json.load(f)
+
+
 def format_table(results):
     """Several evaluations of one test set side by side: a row per label, a column per checkpoint."""
     first = results[0]["per_label"]
     width = max(14, *(len(r["name"]) for r in results)) + 2  # 14: an interval, [0.000, 1.000]
+    row = lambda label, cells: f"{label:<32}" + "".join(f"{c:>{width}}" for c in cells)
     lines = [f"{'label':<22}{'pos/neg':>10}" + "".join(f"{r['name']:>{width}}" for r in results)]
     for name, m in first.items():
         cells = ["n/a" if math.isnan(r["per_label"][name]["auroc"]) else f"{r['per_label'][name]['auroc']:.3f}"
                  for r in results]
         lines.append(f"{name[:22]:<22}{m['positives']:>5}/{m['negatives']:<4}" + "".join(f"{c:>{width}}" for c in cells))
-    mean = f"mean local AUROC ({results[0]['labels_defined']}/{results[0]['labels_total']} labels)"
-    lines.append(f"{mean:<32}" + "".join(f"{r['mean_local_auroc']:>{width}.3f}" for r in results))
-    lines.append(f"{'normal/abnormal AUROC':<32}" + "".join(f"{r['normal_abnormal_auroc']:>{width}.3f}" for r in results))
-    if "mean_local_auroc_ci" in results[0]:
-        for key, label in (("mean_local_auroc_ci", "  95% interval, mean local"), ("normal_abnormal_auroc_ci", "  95% interval, normal/abn.")):
-            lines.append(f"{label:<32}" + "".join(f"{'[%.3f, %.3f]' % tuple(r[key]):>{width}}" for r in results))
+    lines.append(row(f"mean local AUROC ({results[0]['labels_defined']}/{results[0]['labels_total']} labels)",
+                     [f"{r['mean_local_auroc']:.3f}" for r in results]))
+    groups = [k for k in results[0].get("scores", {}) if k not in ("mean local", "normal/abnormal", "attention in box", "pointing game")]
+    lines += [row(f"  {g} findings", [f"{r['scores'][g]:.3f}" for r in results]) for g in groups]
+    lines.append(row("normal/abnormal AUROC", [f"{r['normal_abnormal_auroc']:.3f}" for r in results]))
+    if "intervals" in results[0]:
+        for key, label in (("mean local", "  95% interval, mean local"), ("normal/abnormal", "  95% interval, normal/abn.")):
+            lines.append(row(label, ["[%.3f, %.3f]" % tuple(r["intervals"][key]) for r in results]))
     if results[0].get("localization"):
-        for key in ("attention_in_box", "pointing_game"):
-            lines.append(f"{key.replace('_', ' '):<32}" + "".join(f"{r['localization'][key]:>{width}.3f}" for r in results))
-        lines.append(f"{'  (uniform map: chance)':<32}{results[0]['localization']['chance']:>{width}.3f}")
+        for key in ("attention in box", "pointing game"):
+            lines.append(row(key, [f"{r['scores'][key]:.3f}" for r in results]))
+        lines.append(row("  (uniform map: chance)", [f"{results[0]['localization']['chance']:.3f}"]))
     for r in results:
         for d in r.get("differences", []):
-            m = d["mean_local_auroc"]
+            m = d["mean local"]
             lines.append(f"{r['name']} - {d['against']}: mean local AUROC {m['difference']:+.3f} "
                          f"[{m['ci'][0]:+.3f}, {m['ci'][1]:+.3f}], p = {m['p_value']:.3f}")
     return "\n".join(lines)
@@ -316,19 +370,18 @@ def format_table(results):
 
 def markdown_table(results):
     """The paper's resolution table: a row per checkpoint, AUROC with intervals, localization, mlcak - baseline."""
-    fmt = lambda v, ci: f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
+    fmt = lambda r, key: f"{r['scores'][key]:.3f}" + (" [%.3f, %.3f]" % tuple(r["intervals"][key]) if "intervals" in r else "")
     boxes = results[0].get("localization") is not None  # without boxes, no localization columns
     header = ["model", "mean local AUROC [95% CI]", "normal/abnormal AUROC [95% CI]"]
     header += ["attention in box", "pointing game"] if boxes else []
     header += ["difference in mean local AUROC [95% CI], p"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        diff = "; ".join(f"{r['name'].split('@')[0]} - {d['against'].split('@')[0]}: {d['mean_local_auroc']['difference']:+.3f} "
-                         f"[{d['mean_local_auroc']['ci'][0]:+.3f}, {d['mean_local_auroc']['ci'][1]:+.3f}], "
-                         f"p = {d['mean_local_auroc']['p_value']:.3f}" for d in r.get("differences", []))
-        cells = [r["name"], fmt(r["mean_local_auroc"], r.get("mean_local_auroc_ci")),
-                 fmt(r["normal_abnormal_auroc"], r.get("normal_abnormal_auroc_ci"))]
-        cells += [f"{r['localization'][k]:.3f}" for k in ("attention_in_box", "pointing_game")] if boxes else []
+        diff = "; ".join(f"{r['name'].split('@')[0]} - {d['against'].split('@')[0]}: {d['mean local']['difference']:+.3f} "
+                         f"[{d['mean local']['ci'][0]:+.3f}, {d['mean local']['ci'][1]:+.3f}], "
+                         f"p = {d['mean local']['p_value']:.3f}" for d in r.get("differences", []))
+        cells = [r["name"], fmt(r, "mean local"), fmt(r, "normal/abnormal")]
+        cells += [f"{r['scores'][k]:.3f}" for k in ("attention in box", "pointing game")] if boxes else []
         lines.append("| " + " | ".join(cells + [diff]) + " |")
     if boxes:
         chance = results[0]["localization"]["chance"]
@@ -336,10 +389,60 @@ def markdown_table(results):
     return "\n".join(lines)
 
 
+def seed_report(results, n_boot=1000, seed=0):
+    """
+    Markdown tables over seeds, from evaluate_checkpoints of several seeds' checkpoints on one test set (with
+    n_boot > 0): per model (role@res), each score's mean, sd and range over the seeds; per seed, mlcak - baseline
+    at each resolution with its paired bootstrap interval over the test images; and pooled over seeds, the mean
+    difference with an interval and a two-sided p-value from a hierarchical bootstrap: seeds resampled with
+    replacement, then, within each drawn seed, the test images (its paired image resamples).
+    """
+    keys = [k for k in results[0]["scores"]]
+    models = {}
+    for r in results:
+        models.setdefault(r["name"], {})[r["seed"]] = r
+    fmt = lambda v: f"{np.mean(v):.3f} +- {np.std(v, ddof=1) if len(v) > 1 else 0:.3f} ({min(v):.3f} to {max(v):.3f})"
+    lines = [f"Mean +- sd (range) over seeds of each score; {len(results[0]['per_label'])} local labels.", "",
+             "| model | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for name, by_seed in models.items():
+        lines.append(f"| {name} | {len(by_seed)} | " + " | ".join(fmt([r['scores'][k] for r in by_seed.values()]) for k in keys) + " |")
+    rng = np.random.default_rng(seed)
+    for name in models:
+        if not name.startswith("mlcak@") or "baseline@" + name.split("@")[1] not in models:
+            continue
+        mlcak, baseline = models[name], models["baseline@" + name.split("@")[1]]
+        seeds = sorted(set(mlcak) & set(baseline))
+        lines += ["", f"{name} - baseline@{name.split('@')[1]}, per seed (paired bootstrap over test images) and pooled "
+                  "(hierarchical bootstrap: seeds, then images):", "",
+                  "| seed | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        pooled = {}
+        for s in seeds:
+            cells = []
+            for k in keys:
+                d = paired_difference(baseline[s]["scores"][k], mlcak[s]["scores"][k], baseline[s]["_samples"][k], mlcak[s]["_samples"][k])
+                cells.append(f"{d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]")
+                pooled.setdefault(k, []).append((d["difference"], mlcak[s]["_samples"][k] - baseline[s]["_samples"][k]))
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        cells = []
+        for k in keys:
+            points, samples = np.array([p for p, _ in pooled[k]]), np.stack([d for _, d in pooled[k]])  # (S,), (S, R)
+            drawn = rng.integers(0, len(seeds), (n_boot, len(seeds)))  # seeds of each hierarchical resample
+            images = rng.integers(0, samples.shape[1], (n_boot, len(seeds)))  # an image resample for each draw
+            d = nanmean(samples[drawn, images], 1)  # (R,)
+            p = min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0)))
+            low, high = interval(d)
+            cells.append(f"**{points.mean():+.3f}** [{low:+.3f}, {high:+.3f}], p = {p:.3f}")
+        lines.append("| pooled | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def test_dataset(ckpt, data_path=None, cache_dir=None):
     """The test set a checkpoint names (its cache, else its data source), or the one at data_path."""
     if data_path is None and os.path.isfile(os.path.join(ckpt["data"]["test_cache"], "meta.json")):
-        return data.XrayDataset(ckpt["data"]["test_cache"])
+        try:
+            return data.XrayDataset(ckpt["data"]["test_cache"])
+        except data.DataError:  # damaged or of another version: made again from the source below
+            pass
     options = {k: ckpt["args"][k] for k in ("readers", "uncertain", "views", "boxes") if k in ckpt["args"]}
     source = data.load_source(data_path or ckpt["data"]["path"], "test", **options)
     return data.XrayDataset(data.build_cache(source, ckpt["vit_config"]["img_size"], cache_dir))
@@ -357,6 +460,8 @@ def main(argv=None):
     parser.add_argument("--maps", metavar="DIR", help="write attention-map figures (one PNG per image, overview.png) here")
     parser.add_argument("--map-ids", help="comma-separated test image ids to draw (default: those with the most boxes)")
     parser.add_argument("--num-maps", type=int, default=6, help="how many images to draw when --map-ids is not given")
+    parser.add_argument("--seeds", action="store_true", help="the checkpoints are runs of several seeds: also print "
+                        "tables over seeds (mean, sd, range; mlcak - baseline per seed and pooled)")
     args = parser.parse_args(argv)
     try:
         device = pick_device(args.device)
@@ -364,10 +469,13 @@ def main(argv=None):
         parser.error(str(err))
     if args.maps and writable(args.maps):
         parser.error(f"--maps {args.maps}: cannot write there ({writable(args.maps)})")
+    if args.seeds and not args.bootstrap:
+        parser.error("--seeds needs --bootstrap resamples")
     try:
         _, first = load_checkpoint(args.checkpoints[0])
         dataset = test_dataset(first, args.data, args.cache_dir)
-        results = evaluate_checkpoints(args.checkpoints, dataset, device, args.bootstrap, seed=args.seed)
+        groups = label_groups(args.data or first["data"]["path"])
+        results = evaluate_checkpoints(args.checkpoints, dataset, device, args.bootstrap, seed=args.seed, groups=groups)
         if args.maps:
             rows = pick_rows(dataset, args.map_ids.split(",") if args.map_ids else None, args.num_maps)
             loaded = [load_checkpoint(p, device) for p in args.checkpoints]
@@ -381,6 +489,8 @@ def main(argv=None):
             print(f"wrote {r['eval_json']}")
     if args.maps:
         print(f"wrote {count} figures and overview.png to {args.maps}")
+    if args.seeds:
+        print("\n" + seed_report(results, args.bootstrap, args.seed))
 
 
 if __name__ == "__main__":

@@ -35,10 +35,10 @@ def simulate_low_resolution(hr, res):
     if res == size[0] and res == size[1]:
         return hr
     lr = F.interpolate(hr, size=(res, res), mode="bilinear", antialias=True, align_corners=False)  # (B, C, res, res)
-    up = F.interpolate(lr, size=size, mode="bicubic", align_corners=False)  # (B, C, S, S)
+    # Pillow's bicubic (a = -0.5, the kernel the cache was resized with), which is also torch's fast separable path
+    up = F.interpolate(lr, size=size, mode="bicubic", antialias=True, align_corners=False)  # (B, C, S, S)
     # bicubic overshoots at edges: clamp to each image's own range, so an image's input never depends on its batch
-    low, high = hr.amin((-2, -1), keepdim=True), hr.amax((-2, -1), keepdim=True)  # (B, C, 1, 1)
-    return torch.maximum(torch.minimum(up, high), low)
+    return up.clamp(hr.amin((-2, -1), keepdim=True), hr.amax((-2, -1), keepdim=True))  # min, max (B, C, 1, 1)
 
 
 def model_input(hr, res, norm):
@@ -76,23 +76,38 @@ def classification_loss(local_logits, global_logits, local_targets, global_targe
     return bce, ce
 
 
-def attention_kd_loss(student_attentions, teacher_attentions, layers=None):
+def teacher_targets(teacher_out, layers=None):
+    """
+    What the student learns from the frozen teacher, detached and in float32:
+
+        p_local^T = sigmoid(z_local^T) (B, L),   p_global^T = softmax(z_global^T) (B, 2),   MLCAK^T (B, T, T)
+
+    (MLCAK^T is None when the teacher returned no attentions). The teacher is fixed and sees the same HR image in
+    every epoch, so these can be computed once per training image and looked up (train.py does) instead of
+    running the teacher at each step. Float32: under bf16 autocast a probability near 1 moves in steps of 2^-8.
+    """
+    local, glob, attentions = teacher_out
+    attention_map = mlcak_map(attentions, layers).detach().float() if attentions else None
+    return local.detach().float().sigmoid(), glob.detach().float().softmax(-1), attention_map
+
+
+def attention_kd_loss(student_attentions, teacher_map, layers=None):
     """
     L_MLCAK = MSE(MLCAK^S, MLCAK^T) = mean over (b, t, t') of (MLCAK^S - MLCAK^T)^2
 
-    The teacher's map is detached: it is a target. A token-count mismatch is an error, not a broadcast.
+    teacher_map: the teacher's MLCAK map (B, T, T), a target (teacher_targets gives it). A token-count mismatch is
+    an error, not a broadcast.
     """
-    student_map = mlcak_map(student_attentions, layers)
-    teacher_map = mlcak_map(teacher_attentions, layers).detach()
+    student_map = mlcak_map(student_attentions, layers).float()
     if student_map.shape != teacher_map.shape:
         raise ValueError(
             f"MLCAK maps differ in shape: student {tuple(student_map.shape)} vs teacher {tuple(teacher_map.shape)}; "
             "teacher and student need the same number of tokens (img_size / patch_size)"
         )
-    return F.mse_loss(student_map, teacher_map)
+    return F.mse_loss(student_map, teacher_map.detach())
 
 
-def joint_loss(student_out, targets, teacher_out=None, alpha=1.0, beta=1.0, gamma=1000.0, layers=None):
+def joint_loss(student_out, targets, teacher=None, alpha=1.0, beta=1.0, gamma=1000.0, layers=None):
     """
     L_joint = L_KD + L_cls
     L_KD    = alpha * MSE(p_local^S, p_local^T) + beta * MSE(p_global^S, p_global^T) + gamma * MSE(MLCAK^S, MLCAK^T)
@@ -101,11 +116,11 @@ def joint_loss(student_out, targets, teacher_out=None, alpha=1.0, beta=1.0, gamm
     The task terms compare probabilities, not logits: a confident teacher's logits are large, and their MSE
     outweighs L_cls many times over, spending the student's effort on saturated tails that change no prediction;
     probabilities weight the region where the decision is made (README, "Our reading of the paper").
-    student_out, teacher_out: (local_logits, global_logits, attentions) from the models' forward.
+    student_out: (local_logits, global_logits, attentions) from the student's forward.
     targets: (local_targets (B, L), global_targets (B,)).
-    teacher_out None gives the baseline, L_cls alone. gamma = 0 skips the attention term (the student then need
-    not return attentions). The default gamma is large because attention probabilities are about 1/T each,
-    so the raw MSE of two maps is small (README, "Our reading of the paper").
+    teacher: teacher_targets(teacher_out) for the same images, or None for the baseline, L_cls alone. gamma = 0
+    skips the attention term (then neither model need return attentions). The default gamma is large because
+    attention probabilities are about 1/T each, so the raw MSE of two maps is small (README, "Our reading").
 
     Returns (total, terms): terms maps each named part to a detached float tensor, for logging.
     """
@@ -113,15 +128,14 @@ def joint_loss(student_out, targets, teacher_out=None, alpha=1.0, beta=1.0, gamm
     bce, ce = classification_loss(s_local, s_global, *targets)
     total = bce + ce
     terms = {"cls_local": bce, "cls_global": ce}
-    if teacher_out is not None:
-        t_local, t_global, t_attn = teacher_out
-        # in float32: under bf16 autocast a probability near 1 moves in steps of 2^-8 and its gradient vanishes
-        kd_local = F.mse_loss(s_local.float().sigmoid(), t_local.detach().float().sigmoid())        # (B, L)
-        kd_global = F.mse_loss(s_global.float().softmax(-1), t_global.detach().float().softmax(-1))  # (B, 2)
+    if teacher is not None:
+        p_local, p_global, teacher_map = teacher
+        kd_local = F.mse_loss(s_local.float().sigmoid(), p_local)         # (B, L), in float32 as the targets
+        kd_global = F.mse_loss(s_global.float().softmax(-1), p_global)    # (B, 2)
         total = total + alpha * kd_local + beta * kd_global
         terms.update(kd_local=kd_local, kd_global=kd_global)
         if gamma:
-            kd_attn = attention_kd_loss(s_attn, t_attn, layers)
+            kd_attn = attention_kd_loss(s_attn, teacher_map, layers)
             total = total + gamma * kd_attn
             terms["kd_attn"] = kd_attn
     terms["total"] = total

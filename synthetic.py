@@ -5,8 +5,9 @@ itself, without credentialed data. data.py reads the result like the real datase
 
     python synthetic.py data/synthetic        # what train.py does on first use when no --data is given
 
-Coarse findings stay visible at 28 x 28; fine ones (a few pixels wide, with zero local mean) only at high
-resolution, so a low-resolution baseline falls below the teacher and distillation has something to carry.
+The 22 findings come in three tiers: coarse ones stay visible at 28 x 28, fine ones (a few pixels wide, with zero
+local mean) only at high resolution, and subtle ones are attenuated at 28 x 28 but not gone. So a low-resolution
+baseline falls below the teacher, and one can measure where distillation helps and where it cannot.
 It is synthetic: results on it are not clinical results.
 """
 
@@ -23,14 +24,21 @@ from PIL import Image
 
 from data import GLOBAL_LABELS, LOCAL_LABELS, NotReady, progress_line
 
-VERSION = 1  # of the generator: a change of drawing makes a new set
+VERSION = 2  # of the generator: a change of drawing makes a new set
 
 
-# 'coarse' findings stay visible at 28 x 28; 'fine' ones (a few pixels wide, with zero local mean) only at high
-# resolution, so that a low-resolution baseline falls below the teacher and distillation has something to pass on.
-COARSE = {"Aortic enlargement", "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Emphysema",
-          "Enlarged PA", "Infiltration", "Lung Opacity", "Mediastinal shift", "Pleural effusion"}
+# Three tiers, by how much of what a finding changes in the image survives reduction to 28 x 28 (tests/test_synthetic):
+# coarse findings (shapes and shadows) stay, fine ones (a few pixels wide, with zero local mean) vanish, and subtle
+# ones are attenuated: part of them has a local mean that survives, part is fine detail that does not.
+COARSE = {"Aortic enlargement", "Cardiomegaly", "Consolidation", "Edema", "Emphysema", "Lung Opacity",
+          "Mediastinal shift", "Pleural effusion"}
+SUBTLE = {"Atelectasis", "Enlarged PA", "Infiltration", "Lung cavity", "Nodule/Mass", "Pleural thickening",
+          "Pulmonary fibrosis"}
+FINE = {"Calcification", "Clavicle fracture", "ILD", "Lung cyst", "Other lesion", "Pneumothorax", "Rib fracture"}
 U = 1 / 224  # one pixel at the teacher's resolution, in image fractions: fine findings are a few U wide
+# the surviving share of each subtle finding's drawing, set so that 40% to 70% of what it changes survives at 28
+SUBTLE_MEAN = {"Atelectasis": 0.3, "Enlarged PA": 0.25, "Infiltration": 0.2, "Lung cavity": 0.3, "Nodule/Mass": 0.35,
+               "Pleural thickening": 0.3, "Pulmonary fibrosis": 0.45}
 
 
 def _ellipse(Y, X, cy, cx, ry, rx, soft=0.08):
@@ -44,16 +52,24 @@ def _segment(Y, X, y0, x0, y1, x1, width):
     return np.exp(-(((Y - y0 - t * dy) ** 2 + (X - x0 - t * dx) ** 2) / width ** 2))
 
 
-def _fine(d, sigma, dims=1):
-    """A structure of width sigma pixels at distance d (pixels) with zero local mean (a difference of Gaussians),
-    as unsharp masking leaves small structures on a processed radiograph: averaging over 8 x 8 pixels erases it."""
-    return np.exp(-d ** 2 / (2 * sigma ** 2)) - 0.5 ** dims * np.exp(-d ** 2 / (8 * sigma ** 2))
+def _fine(d, sigma, dims=1, mean=0.0):
+    """A structure of width sigma pixels at distance d (pixels), a difference of Gaussians as unsharp masking leaves
+    small structures on a processed radiograph. With mean = 0 its local mean is zero, so averaging over 8 x 8
+    pixels erases it; with 0 < mean < 1 that share of a plain Gaussian's mass survives (a subtle finding)."""
+    return np.exp(-d ** 2 / (2 * sigma ** 2)) - (1 - mean) * 0.5 ** dims * np.exp(-d ** 2 / (8 * sigma ** 2))
+
+
+def _textured(shape, texture, mean):
+    """A subtle opacity: a smooth shape at `mean` of its contrast plus a fine texture (values in -1..1, period a
+    few pixels) that averaging erases."""
+    return shape * (mean + (1 - mean) * texture)
 
 
 def synthetic_chest(rng, h, w, labels):
     """One chest radiograph-like image (float in [0, 1], bright = dense) with the given findings drawn in,
     and their boxes as (label, x_min, y_min, x_max, y_max) in image fractions."""
-    Y, X = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")
+    # float32: half the memory traffic of float64 in the many whole-image operations below
+    Y, X = np.meshgrid((np.arange(h, dtype=np.float32) + 0.5) / h, (np.arange(w, dtype=np.float32) + 0.5) / w, indexing="ij")
     dy, dx, s = rng.normal(0, 0.015), rng.normal(0, 0.015), rng.uniform(0.93, 1.05)  # pose and size
     # drawn first, so that the same seed gives the same image up to the findings drawn in (tests rely on it)
     exposure, quantum_noise = rng.uniform(0.8, 1.25), rng.normal(0, 0.012, (h, w))
@@ -91,10 +107,13 @@ def synthetic_chest(rng, h, w, labels):
             img += 0.22 * a * _ellipse(Y, X, cy, cx, ry, ry)
             box = (cx - ry, cy - ry, cx + ry, cy + ry)
         elif label in ("Atelectasis", "Consolidation", "Lung Opacity"):
-            ry, rx, amp = {"Atelectasis": (0.022, 0.07, 0.22), "Consolidation": (0.08, 0.07, 0.25),
+            ry, rx, amp = {"Atelectasis": (0.022, 0.07, 0.3), "Consolidation": (0.08, 0.07, 0.25),
                            "Lung Opacity": (0.05, 0.05, 0.18)}[label]
             cy, cx, _ = lung_point()
-            img += amp * a * _ellipse(Y, X, cy, cx, ry * r, rx * r, soft=0.15)
+            shape = _ellipse(Y, X, cy, cx, ry * r, rx * r, soft=0.15)
+            if label == "Atelectasis":  # plate-like: thin horizontal striations in a faint band
+                shape = _textured(shape, np.cos(2 * np.pi * Y / (3 * U)), SUBTLE_MEAN[label])
+            img += amp * a * shape
             box = (cx - rx * r, cy - ry * r, cx + rx * r, cy + ry * r)
         elif label in ("Nodule/Mass", "Calcification", "Other lesion", "Lung cavity", "Lung cyst"):
             count, spread, sigma, amp, ring = {  # ring: radius in pixels of a ring-shaped wall, 0 for a dot
@@ -105,7 +124,8 @@ def synthetic_chest(rng, h, w, labels):
             pts = [(cy + rng.uniform(-spread, spread), cx + rng.uniform(-spread, spread)) for _ in range(count)]
             for py, px in pts:
                 d = np.sqrt((Y - py) ** 2 + (X - px) ** 2) / U
-                img += amp * a * (_fine(d - ring, sigma) if ring else _fine(d, sigma, dims=2))
+                mean = SUBTLE_MEAN.get(label, 0.0)
+                img += amp * a * (_fine(d - ring, sigma, mean=mean) if ring else _fine(d, sigma, dims=2, mean=mean))
             ys, xs = [p[0] for p in pts], [p[1] for p in pts]
             m = (ring + 4 * sigma + 1) * U
             box = (min(xs) - m, min(ys) - m, max(xs) + m, max(ys) + m)
@@ -135,7 +155,8 @@ def synthetic_chest(rng, h, w, labels):
             box = (0.5 + dx - 0.34 * s, 0.14 + dy, 0.5 + dx + 0.34 * s, 0.8 + dy)
         elif label == "Enlarged PA":
             cy, cx, ry = 0.37 + dy, mid - 0.075, 0.035 * r
-            img += 0.2 * a * _ellipse(Y, X, cy, cx, ry, ry)
+            rings = np.cos(2 * np.pi * np.sqrt((Y - cy) ** 2 + (X - cx) ** 2) / (3 * U))  # concentric, 3 px apart
+            img += 0.3 * a * _textured(_ellipse(Y, X, cy, cx, ry, ry), rings, SUBTLE_MEAN["Enlarged PA"])
             box = (cx - ry, cy - ry, cx + ry, cy + ry)
         elif label == "ILD":
             lung, cx = lungs[rng.integers(2)]
@@ -144,8 +165,10 @@ def synthetic_chest(rng, h, w, labels):
             box = (cx - 0.1, 0.5 + dy, cx + 0.1, 0.78 + dy)
         elif label == "Infiltration":
             cy, cx, _ = lung_point()
+            reticular = np.sin(2 * np.pi * (X + Y) / (3 * U)) * np.sin(2 * np.pi * (X - Y) / (3 * U))
             for _ in range(3):
-                img += 0.14 * a * _ellipse(Y, X, cy + rng.uniform(-0.04, 0.04), cx + rng.uniform(-0.04, 0.04), 0.025, 0.025, soft=0.2)
+                blob = _ellipse(Y, X, cy + rng.uniform(-0.04, 0.04), cx + rng.uniform(-0.04, 0.04), 0.025, 0.025, soft=0.2)
+                img += 0.2 * a * _textured(blob, reticular, SUBTLE_MEAN["Infiltration"])
             box = (cx - 0.07, cy - 0.07, cx + 0.07, cy + 0.07)
         elif label == "Mediastinal shift":
             box = (mid - 0.07, 0.1, mid + 0.07, 0.66 + dy)
@@ -162,7 +185,7 @@ def synthetic_chest(rng, h, w, labels):
             length, sigma = (0.12, 1.4) if label == "Pleural thickening" else (0.25, 0.8)
             t = np.clip((Y - y0) / length, 0, 1)  # a line along the lung edge, bowed out by up to 0.03
             d = np.where((Y >= y0) & (Y <= y0 + length), np.abs(X - edge - side * 0.03 * t * (1 - t) * 4) / U, np.inf)
-            img += 0.5 * a * _fine(d, sigma)
+            img += 0.5 * a * _fine(d, sigma, mean=SUBTLE_MEAN.get(label, 0.0))
             box = (edge - (side < 0) * 0.03 - 4 * U, y0 - 4 * U, edge + (side > 0) * 0.03 + 4 * U, y0 + length + 4 * U)
         elif label == "Pulmonary fibrosis":
             cy, cx, _ = lung_point()
@@ -170,7 +193,8 @@ def synthetic_chest(rng, h, w, labels):
                 oy, ox, ang = rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04), rng.uniform(0, np.pi)
                 y0, x0, y1, x1 = cy + oy, cx + ox, cy + oy + 0.03 * np.sin(ang), cx + ox + 0.03 * np.cos(ang)
                 t = np.clip(((Y - y0) * (y1 - y0) + (X - x0) * (x1 - x0)) / 0.03 ** 2, 0, 1)
-                img += 0.5 * a * _fine(np.sqrt((Y - y0 - t * (y1 - y0)) ** 2 + (X - x0 - t * (x1 - x0)) ** 2) / U, 0.7)
+                d = np.sqrt((Y - y0 - t * (y1 - y0)) ** 2 + (X - x0 - t * (x1 - x0)) ** 2) / U
+                img += 0.5 * a * _fine(d, 0.7, mean=SUBTLE_MEAN["Pulmonary fibrosis"])
             box = (cx - 0.08, cy - 0.08, cx + 0.08, cy + 0.08)
         boxes.append((label, *np.clip(box, 0, 1)))
     img = np.clip(img + quantum_noise, 0, 1) ** exposure  # contrast varies between machines
@@ -221,9 +245,10 @@ def _synthetic_case(job):
     boxes = [(label, x0 * w, y0 * h, x1 * w, y1 * h) for label, x0, y0, x1, y1 in boxes]
     if split == "test":
         return image_id, [(None, boxes)]
-    readers = []  # three readers who sometimes miss a finding (fine ones more often) or report a false one
+    readers = []  # three readers who sometimes miss a finding (subtle and fine ones more often) or report a false one
+    miss = lambda label: 0.1 if label in COARSE else 0.2 if label in SUBTLE else 0.3
     for rad in rng.choice(17, size=3, replace=False) + 1:
-        seen = [b for b in boxes if rng.random() > (0.1 if b[0] in COARSE else 0.3)]
+        seen = [b for b in boxes if rng.random() > miss(b[0])]
         seen = [(b[0], *(np.array(b[1:]) + rng.normal(0, 2, 4))) for b in seen]
         if rng.random() < 0.03:
             fx, fy = rng.uniform(0.2, 0.7) * w, rng.uniform(0.3, 0.6) * h
@@ -275,6 +300,9 @@ def make_synthetic(root, n_train=1000, n_test=300, seed=0, workers=None, verbose
                                    (f"annotations_{split}.csv", id_cols + ["class_name", "x_min", "y_min", "x_max", "y_max"], box_rows)):
             with open(os.path.join(root, "annotations", name), "w", newline="") as f:
                 csv.writer(f, lineterminator="\n").writerows([header] + rows)
+    with open(os.path.join(root, "label_groups.json"), "w") as f:  # evaluate.py reports a mean AUROC for each tier
+        json.dump({name: [k for k in LOCAL_LABELS if k in tier] for name, tier in (("coarse", COARSE), ("subtle", SUBTLE),
+                                                                                    ("fine", FINE))}, f, indent=1)
     with open(marker, "w") as f:
         json.dump(settings, f)
     return root

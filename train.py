@@ -36,8 +36,9 @@ import torch.distributed as dist
 
 import data
 import synthetic
-from evaluate import evaluate_checkpoints, format_table, markdown_table, metrics, pick_rows, predict, write_figures
-from mlcak import joint_loss, model_input
+from evaluate import (evaluate_checkpoints, format_table, label_groups, markdown_table, metrics, pick_rows, predict,
+                      write_figures)
+from mlcak import joint_loss, model_input, teacher_targets
 from vit import (CHECKPOINT_NORMS, VARIANTS, CheckpointError, ViTConfig, VisionTransformer, adapt_timm_state_dict,
                  load_checkpoint, load_weights, read_checkpoint, save_checkpoint)
 
@@ -53,14 +54,14 @@ class TrainingError(Exception):
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)  # the same on every rank: the same initial weights everywhere
-    ddp = Ddp(pick_device(args.device), args.tf32)
+    ddp, clock = Ddp(pick_device(args.device), args.tf32), Clock()
     try:
-        train_set, val_set, test_set, info = prepare_data(args, ddp)  # before the process group: see Ddp
+        train_set, val_set, test_set, info = prepare_data(args, ddp, clock)  # before the process group: see Ddp
         ddp.start(args.out)
         cfg = ViTConfig(img_size=args.img_size, num_local=len(train_set.label_names), **VARIANTS[args.model])
         folders = RunFolders(args, info)
         fit = lambda role, run_dir, res, teacher=None: train_or_reuse(role, run_dir, cfg, train_set, val_set, res,
-                                                                      args, ddp, info, teacher)
+                                                                      args, ddp, info, clock, teacher)
 
         # Stage 1: the teacher sees the full-resolution image and learns from the labels alone
         teacher = None
@@ -92,7 +93,10 @@ def main(argv=None):
                 pairs.append((column["baseline"], column["mlcak"]))  # mlcak - baseline at this resolution, paired
 
         if ddp.master:
+            start = time.time()
             report(args, table, pairs, test_set, info, ddp.device)
+            clock.add("evaluation", time.time() - start)
+            print(clock.line())
     finally:
         ddp.stop()
 
@@ -108,7 +112,7 @@ def methods(args):
 
 def report(args, table, pairs, test_set, info, device):
     """The final AUROC table on the test set; with --compare also the Markdown table and attention maps."""
-    results = evaluate_checkpoints(table, test_set, device, args.bootstrap, pairs)
+    results = evaluate_checkpoints(table, test_set, device, args.bootstrap, pairs, groups=label_groups(info["path"]))
     print(f"\ntest set: {len(test_set)} images ({info['path']})")
     print(format_table(results))
     if args.compare:
@@ -119,6 +123,20 @@ def report(args, table, pairs, test_set, info, device):
         loaded = [load_checkpoint(p, device) for p in table]
         write_figures(name + "-maps", test_set, loaded, pick_rows(test_set), device)
         print(f"wrote {name}.md and attention maps in {name}-maps/")
+
+
+class Clock:
+    """Seconds (and images per second) of each stage, for the line a run ends with: a reader sets it beside README's."""
+
+    def __init__(self):
+        self.start, self.parts = time.time(), []
+
+    def add(self, name, seconds, images=0):
+        self.parts.append((name, seconds, images))
+
+    def line(self):
+        parts = [f"{name} {s:.0f} s" + (f" ({n / s:.0f} img/s)" if n else "") for name, s, n in self.parts]
+        return f"time: {time.time() - self.start:.0f} s in all; " + ", ".join(parts)
 
 
 def check_teacher(ckpt, path, cfg, label_names):
@@ -136,13 +154,14 @@ def check_teacher(ckpt, path, cfg, label_names):
 
 # -------------------------------------------------------------------------------------------------- training
 
-def train_or_reuse(role, run_dir, cfg, train_set, val_set, res, args, ddp, info, teacher=None):
+def train_or_reuse(role, run_dir, cfg, train_set, val_set, res, args, ddp, info, clock, teacher=None):
     """Trains one model into run_dir, unless a finished run of the same settings is already there."""
     if finished(run_dir, args.epochs):
         say(ddp, f"{role}@{res}: reusing {run_dir}")
     else:
-        model = initial_model(cfg, args, ddp)
-        train(role, model, run_dir, train_set, val_set, res, args, ddp, info, teacher)
+        start = time.time()
+        images = train(role, initial_model(cfg, args, ddp), run_dir, train_set, val_set, res, args, ddp, info, teacher)
+        clock.add(f"{role}@{res}", time.time() - start, images)
 
 
 def finished(run_dir, epochs):
@@ -187,15 +206,12 @@ def train(role, model, run_dir, train_set, val_set, res, args, ddp, info, teache
     params = list(model.named_parameters())
     opt = torch.optim.AdamW([{"params": [p for n, p in params if decays(n, p)], "weight_decay": args.weight_decay},
                              {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0}], lr=args.lr)
-    # the same sampler with one process or many: rank r takes every world-th image of one seeded permutation, so
-    # N processes with batch B/N see, step by step, the same images as one process with batch B
-    sampler = torch.utils.data.DistributedSampler(train_set, ddp.world, ddp.rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // ddp.world, sampler=sampler, drop_last=True,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda")
-    if len(loader) == 0:
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+    stage = StageData(train_set, res, teacher, need_attn, autocast, args, ddp)
+    if stage.steps == 0:
         raise TrainingError(f"--batch-size {args.batch_size} is more than the {len(train_set)} training images: "
                             "not one step would run; lower --batch-size")
-    total = args.epochs * len(loader)
+    total = args.epochs * stage.steps
     warmup = max(1, int(args.warmup * total))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, warmup))
     raw = model  # what is saved: never the DDP or compiled wrapper, so keys carry no 'module.' or '_orig_mod.'
@@ -213,23 +229,15 @@ def train(role, model, run_dir, train_set, val_set, res, args, ddp, info, teache
         model = torch.compile(model)
     if ddp.on:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
     say(ddp, f"{role}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, res {res}, {total} steps, "
              f"{'L_KD + L_cls' if kd else 'L_cls'}, run folder {run_dir}")
     saved = dict(args=vars(args), role=role, res=res, kd=kd, norm=list(NORM), label_names=train_set.label_names, data=info)
     start, start_step = time.time(), step
     for epoch in range(first_epoch, args.epochs):
         model.train()
-        sampler.set_epoch(epoch)
-        for images, local, abnormal, _ in loader:
-            images = images.to(device, non_blocking=True)
-            local, abnormal = local.to(device, non_blocking=True), abnormal.to(device, non_blocking=True)
+        for x, local, abnormal, teacher_out in stage.batches(epoch):
             with autocast():
-                student_out = model(model_input(images, res, NORM), return_attn=need_attn)
-                teacher_out = None
-                if kd:
-                    with torch.no_grad():
-                        teacher_out = teacher(model_input(images, args.img_size, NORM), return_attn=need_attn)
+                student_out = model(x, return_attn=need_attn)
                 loss, terms = joint_loss(student_out, (local, abnormal), teacher_out, args.alpha, args.beta, args.gamma)
             del student_out, teacher_out  # the attention maps of this step are not kept alive into the next forward
             opt.zero_grad(set_to_none=True)
@@ -260,6 +268,62 @@ def train(role, model, run_dir, train_set, val_set, res, args, ddp, info, teache
             save_checkpoint(last_path, raw, epoch=epoch + 1, step=step, metrics=summary, best=best, optimizer=opt.state_dict(),
                             scheduler=sched.state_dict(), rng=torch.get_rng_state(), **saved)
         ddp.barrier()
+    return (step - start_step) * args.batch_size
+
+
+class StageData:
+    """
+    What the steps of one stage read: the model's input (mlcak.model_input at the stage's resolution), the labels
+    and, for mlcak, the frozen teacher's targets (mlcak.teacher_targets: its probabilities and its MLCAK map).
+    Nothing here changes between epochs (train.py does not augment, and the teacher is frozen in eval mode), so
+    where it fits in memory it is computed once for every training image: the steps then spend no time on the
+    low-resolution simulation, the teacher's forward pass or the loader. Otherwise each batch is loaded and
+    computed at its step, as the paper's loss reads. Both give the same batches in the same order.
+    """
+
+    LIMIT = 4 * 2 ** 30  # bytes kept in memory at most
+
+    def __init__(self, dataset, res, teacher, need_attn, autocast, args, ddp):
+        self.dataset, self.res, self.teacher, self.need_attn, self.autocast = dataset, res, teacher, need_attn, autocast
+        self.args, self.device = args, ddp.device
+        # the same sampler with one process or many: rank r takes every world-th image of one seeded permutation, so
+        # N processes with batch B/N see, step by step, the same images as one process with batch B
+        self.sampler = torch.utils.data.DistributedSampler(dataset, ddp.world, ddp.rank, shuffle=True, seed=args.seed, drop_last=True)
+        self.batch_sampler = torch.utils.data.BatchSampler(self.sampler, args.batch_size // ddp.world, drop_last=True)
+        self.steps = len(self.batch_sampler)
+        S, T, L = args.img_size, (args.img_size // VARIANTS[args.model].get("patch_size", 16)) ** 2 + 1, len(dataset.label_names)
+        size = len(dataset) * 4 * (S * S + L + 1 + (teacher is not None) * (L + 2 + T * T * need_attn))
+        self.table = None
+        if size <= self.LIMIT:
+            loader = torch.utils.data.DataLoader(dataset, batch_size=128, num_workers=args.workers)
+            parts = [self.compute(images, local, abnormal) for images, local, abnormal, _ in loader]
+            self.table = [None if parts[0][k] is None else torch.cat([p[k] for p in parts]) for k in range(6)]
+
+    @torch.no_grad()
+    def compute(self, images, local, abnormal):
+        """(model input, local, abnormal, p_local^T, p_global^T, MLCAK^T) of a batch; the teacher's None for others."""
+        images = images.to(self.device, non_blocking=True)
+        x = model_input(images, self.res, NORM)
+        teacher = (None, None, None)
+        if self.teacher is not None:
+            with self.autocast():
+                teacher = teacher_targets(self.teacher(model_input(images, self.args.img_size, NORM), return_attn=self.need_attn))
+        return (x, local.to(self.device, non_blocking=True), abnormal.to(self.device, non_blocking=True), *teacher)
+
+    def batches(self, epoch):
+        """(model input, local targets, abnormal, teacher targets or None) for each step of an epoch."""
+        self.sampler.set_epoch(epoch)
+        if self.table is not None:
+            for positions in self.batch_sampler:
+                index = torch.tensor(positions, device=self.device)
+                x, local, abnormal, *teacher = (None if part is None else part[index] for part in self.table)
+                yield x, local, abnormal, (tuple(teacher) if self.teacher is not None else None)
+            return
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.batch_sampler, num_workers=self.args.workers,
+                                             pin_memory=self.device.type == "cuda")
+        for images, local, abnormal, _ in loader:
+            x, local, abnormal, *teacher = self.compute(images, local, abnormal)
+            yield x, local, abnormal, (tuple(teacher) if self.teacher is not None else None)
 
 
 def sharded_predict(model, dataset, res, ddp):
@@ -273,7 +337,7 @@ def sharded_predict(model, dataset, res, ddp):
 
 # -------------------------------------------------------------------------------------------------- data
 
-def prepare_data(args, ddp):
+def prepare_data(args, ddp, clock):
     """
     The train, validation and test sets. The first process on each machine (LOCAL_RANK 0) makes the data and the
     caches; the others wait for them to be complete, then read them.
@@ -281,7 +345,7 @@ def prepare_data(args, ddp):
     announced = False
     while True:
         try:
-            return read_data(args, ddp, create=ddp.builder)
+            return read_data(args, ddp, clock, create=ddp.builder)
         except data.NotReady as err:
             if not announced:
                 print(f"rank {ddp.rank}: waiting for local rank 0 to build {err}", flush=True)
@@ -289,11 +353,15 @@ def prepare_data(args, ddp):
             time.sleep(1)
 
 
-def read_data(args, ddp, create):
+def read_data(args, ddp, clock, create):
+    start = time.time()
     path = args.data or synthetic.make_synthetic(os.path.join(data.DEFAULT_DATA, "synthetic"), verbose=ddp.master, create=create)
+    clock.add("data", time.time() - start)
     sources = data.load_sources(path, args.readers, args.uncertain, args.views, args.boxes)
+    start = time.time()
     caches = {split: data.build_cache(s, args.img_size, args.cache_dir, verbose=ddp.master, create=create)
               for split, s in sources.items()}
+    clock.add("cache", time.time() - start)
     train_all, test_set = data.XrayDataset(caches["train"]), data.XrayDataset(caches["test"])
     val_rows = data.validation_rows(train_all, args.val_fraction)
     train_set = data.XrayDataset(caches["train"], np.setdiff1d(train_all.indices, val_rows))
@@ -451,7 +519,7 @@ def parse_args(argv=None):
     p.add_argument("--data", help="dataset folder or CSV file in a layout of README's 'Data' (default: synthetic VinDr-style data in data/synthetic)")
     p.add_argument("--model", default="vit_cpu", choices=sorted(VARIANTS), help="ViT variant for teacher and students")
     p.add_argument("--img-size", type=int, default=224, help="high resolution: the teacher's input side")
-    p.add_argument("--epochs", type=int, default=50, help="epochs for each stage")
+    p.add_argument("--epochs", type=int, default=30, help="epochs for each stage")
     p.add_argument("--batch-size", type=int, default=32, help="images per step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, linear warmup then cosine decay)")
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on biases, norms, embeddings)")

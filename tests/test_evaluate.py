@@ -107,7 +107,9 @@ def test_attention_in_box_and_pointing_game_on_hand_made_maps():
     assert masks[0].sum() == 1 and masks[1].sum() == 4
     result = localization(maps, masks)
     # in box: (1 + 4/16) / 2; pointing: image 0 hits, image 1's argmax is pixel (0, 0), outside; chance (1/16 + 4/16) / 2
-    assert result == {"attention_in_box": 0.625, "pointing_game": 0.5, "chance": 0.15625, "n_images": 2}
+    assert {k: result[k] for k in ("attention_in_box", "pointing_game", "chance", "n_images")} == \
+        {"attention_in_box": 0.625, "pointing_game": 0.5, "chance": 0.15625, "n_images": 2}
+    assert result["in_box"].tolist() == [1.0, 0.25] and result["hit"].tolist() == [1.0, 0.0]  # per image, for intervals
 
 
 def test_colorize_runs_dark_to_bright():
@@ -138,3 +140,30 @@ def test_map_figures_have_one_panel_per_checkpoint_plus_the_input(tmp_path):
     assert Image.open(tmp_path / "maps" / f"{test.image_ids[rows[0]]}.png").size == (3 * 64, 64 + 14)
     maps = attention_maps(model, test, rows, 64, (0.5, 0.25), "cpu")
     assert maps.shape == (3, 4, 4) and torch.allclose(maps.sum((1, 2)), torch.ones(3))
+
+
+def seed_results(gain, seeds=4, n=200):
+    """evaluate_checkpoints-like results of baseline and mlcak over seeds; mlcak's scores are `gain` better."""
+    from evaluate import image_weights, scores
+    out = []
+    for s in range(seeds):
+        rng = np.random.default_rng(s)
+        y = rng.integers(0, 2, (n, 3))
+        weights = image_weights(n, 300, np.random.default_rng(100 + s))  # one set of resamples per seed, shared
+        for name, noise in (("baseline@28", 3.0), ("mlcak@28", 3.0 * (1 - gain))):  # noise 3: AUROC about 0.83
+            p = y + noise * rng.random(y.shape)
+            prediction = predictions(p, y, p.max(1), y.any(1).astype(int))
+            point = scores(prediction, np.ones((1, n)), {"pair": [0, 1]})
+            out.append(dict(name=name, seed=s, per_label=[0, 1, 2], _samples=scores(prediction, weights, {"pair": [0, 1]}),
+                            scores={k: float(v[0]) for k, v in point.items() if k != "per label"}))
+    return out
+
+
+def test_seed_report_pools_seeds_and_finds_a_real_gain_but_not_a_null_one():
+    from evaluate import seed_report
+    report = seed_report(seed_results(gain=0.5), n_boot=500)
+    assert "| mlcak@28 | 4 |" in report and "| baseline@28 | 4 |" in report and report.count("| pooled |") == 1
+    pooled = report.split("| pooled | ")[1].split(" | ")
+    assert pooled[0].startswith("**+") and "p = 0.000" in pooled[0]  # the mean local gain, over seeds and images
+    null = seed_report(seed_results(gain=0.0), n_boot=500).split("| pooled | ")[1].split(" | ")[0]
+    assert float(null.split("p = ")[1].split()[0].rstrip("|")) > 0.05
