@@ -264,8 +264,9 @@ def read_chexpert(root, uncertain="zeros", views="frontal", **_):
             rel = r["Path"]  # starts with the dataset's own folder (CheXpert-v1.0-small/train/...), whatever it is called now
             file = os.path.join(root, rel.split("/", 1)[-1])
             patient = re.search(r"patient\d+", rel)
-            table.rows.append(Row(rel, file, [label_value(table, r[c], path, line, c, uncertain) for c in CHEXPERT_LABELS],
-                               1 - label_value(table, r["No Finding"], path, line, "No Finding"), split, patient.group() if patient else rel))
+            local = [label_value(table, r[c], path, line, c, uncertain) for c in CHEXPERT_LABELS]
+            normal = label_value(table, r["No Finding"], path, line, "No Finding")
+            table.rows.append(Row(rel, file, local, 1 - normal, split, patient.group() if patient else rel))
     if lateral:
         table.notes.append(f"{lateral} lateral views not used (frontal only; --views all to use them)")
     return table
@@ -393,7 +394,8 @@ def read_dicom(path):
         ds = pydicom.dcmread(path, force=True)
         if "TransferSyntaxUID" not in ds.file_meta:  # an older file without a meta header: the encoding it was read in
             implicit, little = ds.original_encoding
-            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+            syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+            ds.file_meta.TransferSyntaxUID = syntax
         syntax = str(ds.file_meta.TransferSyntaxUID)
     except Exception as err:
         raise DataError(f"{path}: not a readable DICOM file ({type(err).__name__}: {err})") from None
@@ -635,7 +637,8 @@ def overlap_notes(sets):
             shared = sorted(set(seen[a][0]) & set(seen[b][0]))
             if shared:
                 d = shared[0]
-                notes.append(f"leak: {len(shared)} images of {b} are also in {a} (the same pixels), e.g. {seen[b][0][d]} = {seen[a][0][d]}")
+                notes.append(f"leak: {len(shared)} images of {b} are also in {a} (the same pixels), "
+                             f"e.g. {seen[b][0][d]} = {seen[a][0][d]}")
             patients = sorted((seen[a][1] & seen[b][1]) - set(seen[a][0].values()) - set(seen[b][0].values()))
             if patients:
                 notes.append(f"leak: {len(patients)} patients have images in both {a} and {b}, e.g. {patients[0]}")

@@ -110,8 +110,17 @@ def interval(samples):
 def paired_difference(point_a, point_b, samples_a, samples_b):
     """b - a with its 95% interval and a two-sided bootstrap p-value (how often the resampled difference crosses 0)."""
     d = samples_b - samples_a
-    p = min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0)))
-    return dict(difference=float(point_b - point_a), ci=interval(d), p_value=float(p))
+    return dict(difference=float(point_b - point_a), ci=interval(d), p_value=p_value(d), resamples=len(d))
+
+
+def p_value(d):
+    """Two-sided bootstrap p-value of resampled differences d: twice the share on the smaller side of 0."""
+    return float(min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0))))
+
+
+def p_text(p, resamples):
+    """'p = 0.034', or 'p < 0.002' when no resample crossed 0 (the bootstrap cannot say more)."""
+    return f"p < {2 / resamples:.3f}" if p == 0 else f"p = {p:.3f}"
 
 
 @torch.no_grad()
@@ -299,13 +308,16 @@ def evaluate_checkpoints(paths, dataset, device="cpu", n_boot=1000, pairs=None, 
         if n_boot:
             samples = scores(prediction, weights, index, located_rows)
             result["intervals"] = {k: interval(v) for k, v in samples.items() if k != "per label"}
-            result["mean_local_auroc_ci"], result["normal_abnormal_auroc_ci"] = result["intervals"]["mean local"], result["intervals"]["normal/abnormal"]
+            result["mean_local_auroc_ci"] = result["intervals"]["mean local"]
+            result["normal_abnormal_auroc_ci"] = result["intervals"]["normal/abnormal"]
             for k, m in enumerate(result["per_label"].values()):
                 m["ci"] = interval(samples["per label"][:, k]) if not math.isnan(m["auroc"]) else None
             result["_samples"] = samples
         results.append(result)
+    if pairs is None:
+        pairs = [(0, j) for j in range(1, len(paths))]
     if n_boot:
-        for i, j in pairs if pairs is not None else [(0, j) for j in range(1, len(paths))]:
+        for i, j in pairs:
             a, b = results[i], results[j]
             results[j].setdefault("differences", []).append(dict(against=a["name"], **{
                 key: paired_difference(a["scores"][key], b["scores"][key], a["_samples"][key], b["_samples"][key])
@@ -364,7 +376,7 @@ def format_table(results):
         for d in r.get("differences", []):
             m = d["mean local"]
             lines.append(f"{r['name']} - {d['against']}: mean local AUROC {m['difference']:+.3f} "
-                         f"[{m['ci'][0]:+.3f}, {m['ci'][1]:+.3f}], p = {m['p_value']:.3f}")
+                         f"[{m['ci'][0]:+.3f}, {m['ci'][1]:+.3f}], {p_text(m['p_value'], m['resamples'])}")
     return "\n".join(lines)
 
 
@@ -379,7 +391,7 @@ def markdown_table(results):
     for r in results:
         diff = "; ".join(f"{r['name'].split('@')[0]} - {d['against'].split('@')[0]}: {d['mean local']['difference']:+.3f} "
                          f"[{d['mean local']['ci'][0]:+.3f}, {d['mean local']['ci'][1]:+.3f}], "
-                         f"p = {d['mean local']['p_value']:.3f}" for d in r.get("differences", []))
+                         f"{p_text(d['mean local']['p_value'], d['mean local']['resamples'])}" for d in r.get("differences", []))
         cells = [r["name"], fmt(r, "mean local"), fmt(r, "normal/abnormal")]
         cells += [f"{r['scores'][k]:.3f}" for k in ("attention in box", "pointing game")] if boxes else []
         lines.append("| " + " | ".join(cells + [diff]) + " |")
@@ -389,49 +401,61 @@ def markdown_table(results):
     return "\n".join(lines)
 
 
+def hierarchical(samples, rng, n_boot):
+    """
+    A hierarchical bootstrap over seeds and images: samples (S, R) holds each seed's R image resamples of a score
+    (or of a paired difference). Each of n_boot draws takes S seeds with replacement and, for each, one of its image
+    resamples, and averages them. Returns (n_boot,).
+    """
+    seeds = rng.integers(0, samples.shape[0], (n_boot, samples.shape[0]))
+    images = rng.integers(0, samples.shape[1], (n_boot, samples.shape[0]))
+    return nanmean(samples[seeds, images], 1)
+
+
 def seed_report(results, n_boot=1000, seed=0):
     """
     Markdown tables over seeds, from evaluate_checkpoints of several seeds' checkpoints on one test set (with
-    n_boot > 0): per model (role@res), each score's mean, sd and range over the seeds; per seed, mlcak - baseline
-    at each resolution with its paired bootstrap interval over the test images; and pooled over seeds, the mean
-    difference with an interval and a two-sided p-value from a hierarchical bootstrap: seeds resampled with
-    replacement, then, within each drawn seed, the test images (its paired image resamples).
+    n_boot > 0): per model (role@res), each score's mean, sd and range over the seeds, and its mean with a 95%
+    interval from a hierarchical bootstrap (seeds, then test images); per seed, mlcak - baseline at each resolution
+    with its paired bootstrap interval over the test images; pooled over seeds, the mean difference with its
+    hierarchical interval and two-sided p-value.
     """
-    keys = [k for k in results[0]["scores"]]
+    keys, rng = list(results[0]["scores"]), np.random.default_rng(seed)
+    order = lambda name: ({"teacher": 0, "baseline": 1}.get(name.split("@")[0], 2), -int(name.split("@")[1]))
     models = {}
-    for r in results:
+    for r in sorted(results, key=lambda r: order(r["name"])):
         models.setdefault(r["name"], {})[r["seed"]] = r
-    fmt = lambda v: f"{np.mean(v):.3f} +- {np.std(v, ddof=1) if len(v) > 1 else 0:.3f} ({min(v):.3f} to {max(v):.3f})"
-    lines = [f"Mean +- sd (range) over seeds of each score; {len(results[0]['per_label'])} local labels.", "",
-             "| model | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    spread = lambda v: f"{np.mean(v):.3f} +- {np.std(v, ddof=1) if len(v) > 1 else 0:.3f} ({min(v):.3f} to {max(v):.3f})"
+    header = ["| model | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    lines = [f"Mean +- sd (range) over seeds; {len(results[0]['per_label'])} local labels.", ""] + header
     for name, by_seed in models.items():
-        lines.append(f"| {name} | {len(by_seed)} | " + " | ".join(fmt([r['scores'][k] for r in by_seed.values()]) for k in keys) + " |")
-    rng = np.random.default_rng(seed)
-    for name in models:
-        if not name.startswith("mlcak@") or "baseline@" + name.split("@")[1] not in models:
-            continue
-        mlcak, baseline = models[name], models["baseline@" + name.split("@")[1]]
-        seeds = sorted(set(mlcak) & set(baseline))
-        lines += ["", f"{name} - baseline@{name.split('@')[1]}, per seed (paired bootstrap over test images) and pooled "
-                  "(hierarchical bootstrap: seeds, then images):", "",
-                  "| seed | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-        pooled = {}
-        for s in seeds:
-            cells = []
-            for k in keys:
-                d = paired_difference(baseline[s]["scores"][k], mlcak[s]["scores"][k], baseline[s]["_samples"][k], mlcak[s]["_samples"][k])
-                cells.append(f"{d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]")
-                pooled.setdefault(k, []).append((d["difference"], mlcak[s]["_samples"][k] - baseline[s]["_samples"][k]))
-            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {len(by_seed)} | " + " | ".join(spread([r["scores"][k] for r in by_seed.values()]) for k in keys) + " |")
+    lines += ["", "Mean over seeds [95% interval, hierarchical bootstrap: seeds, then test images]:", ""] + header
+    for name, by_seed in models.items():
         cells = []
         for k in keys:
-            points, samples = np.array([p for p, _ in pooled[k]]), np.stack([d for _, d in pooled[k]])  # (S,), (S, R)
-            drawn = rng.integers(0, len(seeds), (n_boot, len(seeds)))  # seeds of each hierarchical resample
-            images = rng.integers(0, samples.shape[1], (n_boot, len(seeds)))  # an image resample for each draw
-            d = nanmean(samples[drawn, images], 1)  # (R,)
-            p = min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0)))
+            low, high = interval(hierarchical(np.stack([r["_samples"][k] for r in by_seed.values()]), rng, n_boot))
+            cells.append(f"{np.mean([r['scores'][k] for r in by_seed.values()]):.3f} [{low:.3f}, {high:.3f}]")
+        lines.append(f"| {name} | {len(by_seed)} | " + " | ".join(cells) + " |")
+    for name in models:
+        res = name.split("@")[1]
+        if not name.startswith("mlcak@") or f"baseline@{res}" not in models:
+            continue
+        mlcak, baseline = models[name], models[f"baseline@{res}"]
+        seeds = sorted(set(mlcak) & set(baseline))
+        lines += ["", f"{name} - baseline@{res}, per seed [paired bootstrap over test images], and pooled [hierarchical "
+                  "bootstrap: seeds, then images] with its two-sided p-value:", "",
+                  "| seed | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for s in seeds:
+            cells = [paired_difference(baseline[s]["scores"][k], mlcak[s]["scores"][k], baseline[s]["_samples"][k],
+                                       mlcak[s]["_samples"][k]) for k in keys]
+            lines.append(f"| {s} | " + " | ".join(f"{d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" for d in cells) + " |")
+        cells = []
+        for k in keys:
+            points = [mlcak[s]["scores"][k] - baseline[s]["scores"][k] for s in seeds]
+            d = hierarchical(np.stack([mlcak[s]["_samples"][k] - baseline[s]["_samples"][k] for s in seeds]), rng, n_boot)
             low, high = interval(d)
-            cells.append(f"**{points.mean():+.3f}** [{low:+.3f}, {high:+.3f}], p = {p:.3f}")
+            cells.append(f"**{np.mean(points):+.3f}** [{low:+.3f}, {high:+.3f}], {p_text(p_value(d), n_boot)}")
         lines.append("| pooled | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

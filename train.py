@@ -60,8 +60,9 @@ def main(argv=None):
         ddp.start(args.out)
         cfg = ViTConfig(img_size=args.img_size, num_local=len(train_set.label_names), **VARIANTS[args.model])
         folders = RunFolders(args, info)
-        fit = lambda role, run_dir, res, teacher=None: train_or_reuse(role, run_dir, cfg, train_set, val_set, res,
-                                                                      args, ddp, info, clock, teacher)
+
+        def fit(role, run_dir, res, teacher=None):
+            train_or_reuse(role, run_dir, cfg, train_set, val_set, res, args, ddp, info, clock, teacher)
 
         # Stage 1: the teacher sees the full-resolution image and learns from the labels alone
         teacher = None
@@ -202,10 +203,14 @@ def train(role, model, run_dir, train_set, val_set, res, args, ddp, info, teache
     device, kd = ddp.device, teacher is not None
     need_attn = kd and args.gamma != 0
     os.makedirs(run_dir, exist_ok=True)
-    decays = lambda name, p: p.ndim >= 2 and "pos_embed" not in name and "cls_token" not in name
-    params = list(model.named_parameters())
-    opt = torch.optim.AdamW([{"params": [p for n, p in params if decays(n, p)], "weight_decay": args.weight_decay},
-                             {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0}], lr=args.lr)
+    decay, no_decay = [], []  # weight decay on the weight matrices, not on biases, norms and embeddings
+    for name, p in model.named_parameters():
+        if p.ndim >= 2 and name not in ("pos_embed", "cls_token"):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
     stage = StageData(train_set, res, teacher, need_attn, autocast, args, ddp)
     if stage.steps == 0:
@@ -369,7 +374,8 @@ def read_data(args, ddp, clock, create):
     notes = sources["train"].notes + sources["test"].notes
     notes += data.overlap_notes({"train": train_set, "val": val_set, "test": test_set})
     if not len(val_set):
-        why = "--val-fraction 0" if args.val_fraction == 0 else f"{len(train_all)} training images are too few for --val-fraction {args.val_fraction}"
+        why = (f"{len(train_all)} training images are too few for --val-fraction {args.val_fraction}" if args.val_fraction
+               else "--val-fraction 0")
         notes.append(f"no validation image ({why}): the model of the last epoch is kept (best = last)")
     elif not any(0 < c < len(val_set) for c in val_set.local[val_set.indices].sum(0)):
         notes.append(f"the {len(val_set)} validation images have no label with both classes: AUROC is undefined, best = last")
@@ -550,20 +556,23 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for initialization and data order")
     args = p.parse_args(argv)
     patch = VARIANTS[args.model].get("patch_size", 16)
-    checks = [(args.img_size >= patch and args.img_size % patch == 0, f"--img-size must be a multiple of {args.model}'s patch size {patch}, got {args.img_size}"),
-              (all(8 <= r <= args.img_size for r in args.res), f"--res must be between 8 and --img-size ({args.img_size}), got {args.res}"),
-              (args.epochs >= 1, f"--epochs must be at least 1, got {args.epochs}"),
-              (args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}"),
-              (args.lr > 0, f"--lr must be positive, got {args.lr}"),
-              (args.weight_decay >= 0, f"--weight-decay must be 0 or more, got {args.weight_decay}"),
-              (0 <= args.warmup < 1, f"--warmup must be in [0, 1), got {args.warmup}"),
-              (min(args.alpha, args.beta, args.gamma) >= 0, "--alpha, --beta and --gamma must be 0 or more"),
-              (0 <= args.val_fraction < 1, f"--val-fraction must be in [0, 1), got {args.val_fraction}"),
-              (args.bootstrap >= 0 and args.workers >= 0 and args.log_every >= 1, "--bootstrap and --workers must be 0 or more, --log-every at least 1"),
-              (args.data is None or os.path.exists(args.data), f"--data {args.data}: no such file or folder"),
-              (args.boxes is None or os.path.isfile(args.boxes), f"--boxes {args.boxes}: no such file")]
-    checks += [(getattr(args, flag) is None or os.path.isfile(getattr(args, flag)), f"--{flag} {getattr(args, flag)}: no such file")
-               for flag in ("teacher", "init")]
+    checks = [
+        (args.img_size >= patch and args.img_size % patch == 0,
+         f"--img-size must be a multiple of {args.model}'s patch size {patch}, got {args.img_size}"),
+        (all(8 <= r <= args.img_size for r in args.res), f"--res must be between 8 and --img-size ({args.img_size}), got {args.res}"),
+        (args.epochs >= 1, f"--epochs must be at least 1, got {args.epochs}"),
+        (args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}"),
+        (args.lr > 0, f"--lr must be positive, got {args.lr}"),
+        (args.weight_decay >= 0, f"--weight-decay must be 0 or more, got {args.weight_decay}"),
+        (0 <= args.warmup < 1, f"--warmup must be in [0, 1), got {args.warmup}"),
+        (min(args.alpha, args.beta, args.gamma) >= 0, "--alpha, --beta and --gamma must be 0 or more"),
+        (0 <= args.val_fraction < 1, f"--val-fraction must be in [0, 1), got {args.val_fraction}"),
+        (min(args.bootstrap, args.workers) >= 0 and args.log_every >= 1, "--bootstrap and --workers must be 0 or more, --log-every at least 1"),
+        (args.data is None or os.path.exists(args.data), f"--data {args.data}: no such file or folder"),
+        (args.boxes is None or os.path.isfile(args.boxes), f"--boxes {args.boxes}: no such file"),
+        (args.teacher is None or os.path.isfile(args.teacher), f"--teacher {args.teacher}: no such file"),
+        (args.init is None or os.path.isfile(args.init), f"--init {args.init}: no such file"),
+    ]
     for ok, message in checks:
         if not ok:
             p.error(message)

@@ -11,6 +11,7 @@ import torch
 
 import data
 import synthetic
+import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,19 +70,6 @@ def test_evaluate_reproduces_the_auroc_that_training_printed(tiny):
     for row in ("mean local AUROC", "normal/abnormal AUROC"):
         assert table_row(result.stdout, row) == table_row(out, row)
     assert os.path.isfile(tmp / "runs" / order[0] / "best.eval.json")
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--res", "0"], "--res must be between 8"),
-    (["--res", "500"], "--res must be between 8"),
-    (["--data", "/no/such/folder"], "--data /no/such/folder: no such file or folder"),
-    (["--teacher", "/no/such/teacher.pt"], "--teacher /no/such/teacher.pt: no such file"),
-    (["--model", "vit_huge"], "invalid choice: 'vit_huge'"),
-])
-def test_bad_flags_give_one_clear_line_and_a_nonzero_exit(flags, message):
-    result = run("train.py", *flags, check=False)
-    assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and message in result.stderr
 
 
 def test_evaluate_names_a_missing_checkpoint():
@@ -148,6 +136,26 @@ def test_two_gloo_processes_agree_with_one_at_the_same_global_batch(tiny):
     for row in ("mean local AUROC", "normal/abnormal AUROC"):
         for x, y in zip(table_row(one, row), table_row(two.stdout, row)):
             assert abs(x - y) <= 0.02
+
+
+def test_stage_data_gives_the_same_batches_from_memory_and_streamed(tiny, monkeypatch):
+    from vit import VARIANTS, ViTConfig, VisionTransformer
+    tmp, _, _ = tiny
+    cache = next(str(tmp / "cache" / c) for c in os.listdir(tmp / "cache") if c.startswith("vindr-train-224-"))
+    dataset = data.XrayDataset(cache)
+    args = train.parse_args(["--batch-size", "8", "--out", str(tmp / "stage")])
+    teacher = VisionTransformer(ViTConfig(num_local=22, **VARIANTS["vit_cpu"])).eval()
+    make = lambda: train.StageData(dataset, 28, teacher, True, lambda: torch.autocast("cpu", enabled=False), args,
+                                   train.Ddp(torch.device("cpu")))
+    kept = make()
+    monkeypatch.setattr(train.StageData, "LIMIT", 0)  # as if the table did not fit in memory
+    streamed = make()
+    assert kept.table is not None and streamed.table is None and kept.steps == streamed.steps == len(dataset) // 8
+    for a, b in zip(kept.batches(1), streamed.batches(1)):
+        for x, y in zip(a[:3], b[:3]):  # model input and labels: the same values
+            assert torch.equal(x, y)
+        for x, y in zip(a[3], b[3]):  # the teacher's targets: computed in batches of another size
+            torch.testing.assert_close(x, y)
 
 
 def free_port():
