@@ -13,6 +13,7 @@ next to this machine's matrix-multiply peak, measured here too.
 """
 
 import argparse
+import math
 import os
 import tempfile
 import time
@@ -68,26 +69,29 @@ def train_flops_per_image(cfg):
     return 3 * 2 * forward
 
 
-def timed(fn, steps, device, warmup=2, rounds=3):
-    """Seconds per call: the best of a few rounds, since other work on the machine only ever slows a round down."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(rounds):
+def timed(fn, seconds, device, rounds=3):
+    """
+    Seconds per call: two warm-up calls, then the best of `rounds` rounds of about `seconds` each (other work on
+    the machine only ever slows a round down).
+    """
+    def run(calls):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(calls):
             fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - start) / steps)
-    return best
+        return (time.perf_counter() - start) / calls
+
+    run(1)
+    calls = max(2, math.ceil(seconds / run(1)))
+    return min(run(calls) for _ in range(rounds))
 
 
 def matmul_peak(device, n=2048, dtype=torch.float32):
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    seconds = timed(lambda: a @ b, 5, device)
+    seconds = timed(lambda: a @ b, 0.5, device)
     return 2 * n ** 3 / seconds / 1e9
 
 
@@ -125,7 +129,7 @@ def bench_variant(name, args, device):
     with torch.no_grad(), autocast():
         table = teacher_targets(teacher(x, return_attn=True))
     opt_ours, opt_ref = torch.optim.AdamW(ours.parameters()), torch.optim.AdamW(reference.parameters())
-    rate = lambda fn: B / timed(fn, args.steps, device)
+    rate = lambda fn: B / timed(fn, args.seconds, device)
     rows["train, ours explicit attention"] = rate(train_step(ours, opt_ours, True))
     rows["train, ours fused attention (teacher, baseline)"] = rate(train_step(ours, opt_ours, False))
     rows["train, reference (nn.TransformerEncoderLayer)"] = rate(train_step(reference, opt_ref, False))
@@ -161,7 +165,7 @@ def main():
     p = argparse.ArgumentParser(description="Benchmark our ViT and the MLCAK step.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--variants", nargs="+", default=["vit_cpu", "vit_tiny"], choices=sorted(VARIANTS), help="ViT variants to measure")
     p.add_argument("--batch-size", type=int, default=32, help="images per step")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per round (after 2 warm-up steps; the best of 3 rounds)")
+    p.add_argument("--seconds", type=float, default=1.0, help="length of a timed round (after 2 warm-up calls; the best of 3 rounds)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     p.add_argument("--workers", type=int, default=0, help="data loader workers")
