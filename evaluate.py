@@ -4,6 +4,8 @@ negatives, their mean over the labels where AUROC is defined, and normal/abnorma
 
     python evaluate.py runs/teacher-224-*/best.pt runs/mlcak-28-*/best.pt
     python evaluate.py CKPT --data /data/vindr-cxr      # another dataset than the one the checkpoint names
+    python evaluate.py CKPT... --maps figures/          # attention maps over the images (the paper's Fig. 3)
+    python evaluate.py runs/*/best.pt --seeds           # runs of several seeds: tables over seeds, pooled tests
 
 A student checkpoint is evaluated at its own resolution (the HR test image, reduced by
 mlcak.simulate_low_resolution). Each checkpoint gets a JSON file beside it (best.pt -> best.eval.json).

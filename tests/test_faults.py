@@ -73,6 +73,18 @@ def test_an_unwritable_out_folder_is_named_before_any_work(tmp_path, capsys):
     assert code == 2 and one_line(err) and f"--out {tmp_path / 'file' / 'runs'}: cannot write there" in err
 
 
+def test_evaluate_names_an_unwritable_maps_folder_and_a_missing_device(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    for flags, message in ((["--maps", str(tmp_path / "file" / "maps")], f"--maps {tmp_path / 'file' / 'maps'}: cannot write"),
+                           (["--device", "cuda:7"], "--device cuda:7:")):
+        if flags[0] == "--device" and torch.cuda.device_count() > 7:
+            continue
+        with pytest.raises(SystemExit) as exit:
+            evaluate.main(["/no/such/best.pt", *flags])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and one_line(err) and message in err
+
+
 def test_a_nan_loss_stops_the_run_with_one_line_and_saves_nothing(tiny, tmp_path, capsys):
     tmp, flags = tiny
     code, out, err = cli(capsys, *flags, "--out", str(tmp_path), "--lr", "1e6", "--no-kd", "--epochs", "3")

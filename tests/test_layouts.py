@@ -93,9 +93,10 @@ def test_kaggle_resized_copy_finds_pngs_and_rescales_boxes_from_the_original_siz
     assert len(without.boxes) == 0 and any("train_meta.csv is missing" in note for note in without.notes)
 
 
-def test_kaggle_layout_trains_end_to_end(tmp_path, capsys):
-    out = short_run(capsys, tmp_path, kaggle_folder(tmp_path / "kaggle", resized=48))
-    assert "mlcak epoch 1/1" in out and "attention in box" in out  # boxes rescaled: localization is measured
+@pytest.mark.parametrize("resized", [None, 48])
+def test_kaggle_layout_trains_end_to_end_from_dicoms_and_from_a_resized_copy(tmp_path, capsys, resized):
+    out = short_run(capsys, tmp_path, kaggle_folder(tmp_path / "kaggle", resized=resized))
+    assert "mlcak epoch 1/1" in out and "attention in box" in out  # boxes placed on the image: localization measured
 
 
 def test_nih_layout_lists_boxes_and_label_spelling(tmp_path):
