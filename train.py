@@ -161,7 +161,7 @@ def train_or_reuse(role, run_dir, cfg, train_set, val_set, res, args, ddp, info,
         say(ddp, f"{role}@{res}: reusing {run_dir}")
     else:
         start = time.time()
-        images = train(role, initial_model(cfg, args, ddp), run_dir, train_set, val_set, res, args, ddp, info, teacher)
+        images, _ = train(role, initial_model(cfg, args, ddp), run_dir, train_set, val_set, res, args, ddp, info, teacher)
         clock.add(f"{role}@{res}", time.time() - start, images)
 
 
@@ -199,7 +199,10 @@ def lr_factor(step, total, warmup):
 
 
 def train(role, model, run_dir, train_set, val_set, res, args, ddp, info, teacher=None):
-    """One training run: AdamW, warmup + cosine, validation each epoch, best.pt and last.pt in run_dir."""
+    """
+    One training run: AdamW, warmup + cosine, validation each epoch, best.pt and last.pt in run_dir. Returns the
+    number of images trained on and the loop's images per second (validation and checkpoints included).
+    """
     device, kd = ddp.device, teacher is not None
     need_attn = kd and args.gamma != 0
     os.makedirs(run_dir, exist_ok=True)
@@ -273,7 +276,8 @@ def train(role, model, run_dir, train_set, val_set, res, args, ddp, info, teache
             save_checkpoint(last_path, raw, epoch=epoch + 1, step=step, metrics=summary, best=best, optimizer=opt.state_dict(),
                             scheduler=sched.state_dict(), rng=torch.get_rng_state(), **saved)
         ddp.barrier()
-    return (step - start_step) * args.batch_size
+    images = (step - start_step) * args.batch_size
+    return images, images / (time.time() - start)  # and the rate its progress lines give (bench.py compares it)
 
 
 class StageData:
