@@ -23,7 +23,6 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import data
 import synthetic
@@ -149,10 +148,9 @@ def bench_variant(name, args, device):
 
 
 def bench_loader(args, device):
-    """Images per second out of the cached dataset through a DataLoader, as train.py reads it."""
-    folder = os.path.join(tempfile.gettempdir(), "mlcak-bench")
-    root = synthetic.make_synthetic(os.path.join(folder, "synthetic"), n_train=256, n_test=2, verbose=False)
-    dataset = data.XrayDataset(data.build_cache(data.load_source(root, "train"), 224, os.path.join(folder, "cache"), verbose=False))
+    """Images per second out of the cached dataset through a DataLoader (the default data, as train.py reads it)."""
+    root = synthetic.make_synthetic(os.path.join(data.DEFAULT_DATA, "synthetic"), verbose=False)
+    dataset = data.XrayDataset(data.build_cache(data.load_source(root, "train"), 224, verbose=False))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                                          pin_memory=device.type == "cuda", drop_last=True)
     start, count = time.perf_counter(), 0

@@ -74,7 +74,7 @@ def scores(prediction, weights, groups=None, located=None):
     Every score of one model under each row of image weights (R, N): {name: (R,)}. 'mean local' is the mean AUROC
     over the labels defined in that resample, a group's name the mean over its labels (groups: {name: [label
     index]}), 'normal/abnormal' the global AUROC; with located = (rows, in_box, hit) per image that has boxes
-    (see localization_values), 'attention in box' and 'pointing game' are their weighted means.
+    (from localization_score), 'attention in box' and 'pointing game' are their weighted means.
     """
     local, abnormal, y_local, y_abnormal = prediction
     per_label = np.stack([auroc_rows(y_local[:, k], local[:, k], weights) for k in range(y_local.shape[1])], 1)  # (R, L)
