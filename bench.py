@@ -15,6 +15,7 @@ GFLOP/s of the training step next to this machine's matrix-multiply peak, measur
 
 import argparse
 import contextlib
+import functools
 import io
 import math
 import os
@@ -103,7 +104,7 @@ def bench_variant(name, args, device):
     B, rows = args.batch_size, {}
     x = torch.randn(B, 1, cfg.img_size, cfg.img_size, device=device)
     targets = (torch.randint(0, 2, (B, cfg.num_local), device=device).float(), torch.randint(0, 2, (B,), device=device))
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=args.amp)
 
     def train_step(model, opt, return_attn, teacher=None, table=None):
         """A step as train.py takes it: forward, loss, backward, gradient clipping, AdamW update. For mlcak, the
@@ -132,11 +133,15 @@ def bench_variant(name, args, device):
     with torch.no_grad(), autocast():
         table = teacher_targets(teacher(x, return_attn=True))
     opt_ours, opt_ref = torch.optim.AdamW(ours.parameters()), torch.optim.AdamW(reference.parameters())
-    rate = lambda fn: B / timed(fn, args.seconds, device)
+
+    def rate(fn):  # images per second
+        return B / timed(fn, args.seconds, device)
+
     rows["train, ours explicit attention"] = rate(train_step(ours, opt_ours, True))
     rows["train, ours fused attention (teacher, baseline)"] = rate(train_step(ours, opt_ours, False))
     rows["train, reference (nn.TransformerEncoderLayer)"] = rate(train_step(reference, opt_ref, False))
-    ours.eval(), reference.eval()
+    ours.eval()
+    reference.eval()
     rows["inference, ours fused"] = rate(infer(ours, False))
     rows["inference, ours explicit (attention returned)"] = rate(infer(ours, True))
     rows["inference, reference"] = rate(infer(reference, False))

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import data
+import layouts
 from mlcak import mlcak_map, model_input, simulate_low_resolution
 from vit import CheckpointError, load_checkpoint
 
@@ -135,7 +136,8 @@ def predict(model, dataset, res, norm, device, batch_size=32):
         z_local, z_global, _ = model(model_input(images.to(device), res, norm))
         local.append(torch.sigmoid(z_local).float().cpu())
         abnormal.append(torch.softmax(z_global.float(), dim=-1)[:, 1].cpu())
-        y_local.append(targets), y_abnormal.append(target_abnormal)
+        y_local.append(targets)
+        y_abnormal.append(target_abnormal)
     return (torch.cat(local).numpy(), torch.cat(abnormal).numpy(), torch.cat(y_local).numpy(),
             torch.cat(y_abnormal).numpy())
 
@@ -356,7 +358,10 @@ def format_table(results):
     """Several evaluations of one test set side by side: a row per label, a column per checkpoint."""
     first = results[0]["per_label"]
     width = max(14, *(len(r["name"]) for r in results)) + 2  # 14: an interval, [0.000, 1.000]
-    row = lambda label, cells: f"{label:<32}" + "".join(f"{c:>{width}}" for c in cells)
+
+    def row(label, cells):
+        return f"{label:<32}" + "".join(f"{c:>{width}}" for c in cells)
+
     lines = [f"{'label':<22}{'pos/neg':>10}" + "".join(f"{r['name']:>{width}}" for r in results)]
     for name, m in first.items():
         cells = ["n/a" if math.isnan(r["per_label"][name]["auroc"]) else f"{r['per_label'][name]['auroc']:.3f}"
@@ -384,7 +389,11 @@ def format_table(results):
 
 def markdown_table(results):
     """The paper's resolution table: a row per checkpoint, AUROC with intervals, localization, mlcak - baseline."""
-    fmt = lambda r, key: f"{r['scores'][key]:.3f}" + (" [%.3f, %.3f]" % tuple(r["intervals"][key]) if "intervals" in r else "")
+
+    def fmt(r, key):  # a score, with its interval where there is one
+        interval = " [%.3f, %.3f]" % tuple(r["intervals"][key]) if "intervals" in r else ""
+        return f"{r['scores'][key]:.3f}" + interval
+
     boxes = results[0].get("localization") is not None  # without boxes, no localization columns
     header = ["model", "mean local AUROC [95% CI]", "normal/abnormal AUROC [95% CI]"]
     header += ["attention in box", "pointing game"] if boxes else []
@@ -423,11 +432,18 @@ def seed_report(results, n_boot=1000, seed=0):
     hierarchical interval and two-sided p-value.
     """
     keys, rng = list(results[0]["scores"]), np.random.default_rng(seed)
-    order = lambda name: ({"teacher": 0, "baseline": 1}.get(name.split("@")[0], 2), -int(name.split("@")[1]))
+
+    def order(r):  # teacher, baseline, mlcak; high resolution first
+        role, res = r["name"].split("@")
+        return {"teacher": 0, "baseline": 1}.get(role, 2), -int(res)
+
+    def spread(v):
+        sd = np.std(v, ddof=1) if len(v) > 1 else 0
+        return f"{np.mean(v):.3f} +- {sd:.3f} ({min(v):.3f} to {max(v):.3f})"
+
     models = {}
-    for r in sorted(results, key=lambda r: order(r["name"])):
+    for r in sorted(results, key=order):
         models.setdefault(r["name"], {})[r["seed"]] = r
-    spread = lambda v: f"{np.mean(v):.3f} +- {np.std(v, ddof=1) if len(v) > 1 else 0:.3f} ({min(v):.3f} to {max(v):.3f})"
     header = ["| model | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     lines = [f"Mean +- sd (range) over seeds; {len(results[0]['per_label'])} local labels.", ""] + header
     for name, by_seed in models.items():
@@ -470,7 +486,7 @@ def test_dataset(ckpt, data_path=None, cache_dir=None):
         except data.DataError:  # damaged or of another version: made again from the source below
             pass
     options = {k: ckpt["args"][k] for k in ("readers", "uncertain", "views", "boxes") if k in ckpt["args"]}
-    source = data.load_source(data_path or ckpt["data"]["path"], "test", **options)
+    source = layouts.load_source(data_path or ckpt["data"]["path"], "test", **options)
     return data.XrayDataset(data.build_cache(source, ckpt["vit_config"]["img_size"], cache_dir))
 
 

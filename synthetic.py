@@ -1,7 +1,7 @@
 """
 The synthetic default: chest radiograph-like phantoms with 22 findings, written as a VinDr-CXR folder (DICOMs,
 image_labels_*.csv, annotations_*.csv, three readers per training image), so that a fresh clone trains, and tests
-itself, without credentialed data. data.py reads the result like the real dataset; it never imports this file.
+itself, without credentialed data. layouts.py reads the result like the real dataset; it never imports this file.
 
     python synthetic.py data/synthetic        # what train.py does on first use when no --data is given
 
@@ -22,7 +22,8 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from data import GLOBAL_LABELS, LOCAL_LABELS, NotReady, progress_line
+from data import NotReady, progress_line
+from layouts import GLOBAL_LABELS, LOCAL_LABELS
 
 VERSION = 2  # of the generator: a change of drawing makes a new set
 
@@ -246,9 +247,9 @@ def _synthetic_case(job):
     if split == "test":
         return image_id, [(None, boxes)]
     readers = []  # three readers who sometimes miss a finding (subtle and fine ones more often) or report a false one
-    miss = lambda label: 0.1 if label in COARSE else 0.2 if label in SUBTLE else 0.3
+    miss = {**dict.fromkeys(COARSE, 0.1), **dict.fromkeys(SUBTLE, 0.2), **dict.fromkeys(FINE, 0.3)}
     for rad in rng.choice(17, size=3, replace=False) + 1:
-        seen = [b for b in boxes if rng.random() > miss(b[0])]
+        seen = [b for b in boxes if rng.random() > miss[b[0]]]
         seen = [(b[0], *(np.array(b[1:]) + rng.normal(0, 2, 4))) for b in seen]
         if rng.random() < 0.03:
             fx, fy = rng.uniform(0.2, 0.7) * w, rng.uniform(0.3, 0.6) * h

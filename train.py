@@ -22,6 +22,7 @@ mean local AUROC) and last.pt: plain dicts of tensors and values, loadable with 
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -35,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import layouts
 import synthetic
 from evaluate import (evaluate_checkpoints, format_table, label_groups, markdown_table, metrics, pick_rows, predict,
                       write_figures)
@@ -147,10 +149,12 @@ def check_teacher(ckpt, path, cfg, label_names):
         where = (f"label {first + 1} is '{ckpt['label_names'][first]}', here '{label_names[first]}'" if first is not None
                  else f"it has {len(ckpt['label_names'])} labels, this data {len(label_names)}")
         raise TrainingError(f"--teacher {path}: trained on other labels ({where})")
-    tokens = lambda c: (c["img_size"] // c["patch_size"]) ** 2 + 1
-    if ckpt["vit_config"]["img_size"] != cfg.img_size or tokens(ckpt["vit_config"]) != tokens(vars(cfg)):
-        raise TrainingError(f"--teacher {path}: sees {ckpt['vit_config']['img_size']} px in {tokens(ckpt['vit_config'])} tokens, "
-                            f"the students {cfg.img_size} px in {tokens(vars(cfg))} tokens; the MLCAK maps must match")
+    size = ckpt["vit_config"]["img_size"]
+    tokens = (size // ckpt["vit_config"]["patch_size"]) ** 2 + 1  # T, the class token included
+    student_tokens = (cfg.img_size // cfg.patch_size) ** 2 + 1
+    if size != cfg.img_size or tokens != student_tokens:
+        raise TrainingError(f"--teacher {path}: sees {size} px in {tokens} tokens, the students {cfg.img_size} px in "
+                            f"{student_tokens} tokens; the MLCAK maps must match")
 
 
 # -------------------------------------------------------------------------------------------------- training
@@ -214,7 +218,7 @@ def train(role, model, run_dir, train_set, val_set, res, args, ddp, info, teache
             no_decay.append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=args.amp)
     stage = StageData(train_set, res, teacher, need_attn, autocast, args, ddp)
     if stage.steps == 0:
         raise TrainingError(f"--batch-size {args.batch_size} is more than the {len(train_set)} training images: "
@@ -366,7 +370,7 @@ def read_data(args, ddp, clock, create):
     start = time.time()
     path = args.data or synthetic.make_synthetic(os.path.join(data.DEFAULT_DATA, "synthetic"), verbose=ddp.master, create=create)
     clock.add("data", time.time() - start)
-    sources = data.load_sources(path, args.readers, args.uncertain, args.views, args.boxes)
+    sources = layouts.load_sources(path, args.readers, args.uncertain, args.views, args.boxes)
     start = time.time()
     caches = {split: data.build_cache(s, args.img_size, args.cache_dir, verbose=ddp.master, create=create)
               for split, s in sources.items()}

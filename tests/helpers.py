@@ -1,4 +1,4 @@
-"""Small datasets written by the tests themselves, in each layout data.py reads (a fresh clone tests itself)."""
+"""Small datasets written by the tests themselves, in each layout layouts.py reads (a fresh clone tests itself)."""
 
 import csv
 import os
@@ -9,7 +9,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from data import LOCAL_LABELS
+from layouts import LOCAL_LABELS
 
 RAMP = np.tile(np.linspace(0, 4000, 16), (8, 1)).round()  # 8 x 16, stored values 0 .. 4000
 

@@ -1,4 +1,5 @@
-"""Decoding, the cache and its damage, labels, splits and leaks (data.py); each layout has its own tests in test_layouts.py."""
+"""Decoding, the cache and its damage, splits and leaks (data.py); label cells and paths (layouts.py), whose layouts
+each have their own tests in test_layouts.py."""
 
 import os
 
@@ -8,6 +9,7 @@ from PIL import Image
 from pydicom.uid import JPEGLSLossless
 
 import data
+import layouts
 import synthetic
 from helpers import RAMP, vindr_folder, write_dicom, write_image, write_rows
 
@@ -87,7 +89,7 @@ def test_csv_with_8_and_16_bit_pngs_a_byte_order_mark_and_an_excel_header(tmp_pa
     # what Excel writes: a byte-order mark before the first column, here a label
     write_rows(tmp_path / "set.csv", ["Pneumonia", "path", "Effusion", "split"],
                [[1, "img/a.png", 0, "train"], [0, "img/b.png", 0, "train"], [0, "img/a.png", 1, "test"]], bom=True)
-    train = data.load_source(str(tmp_path / "set.csv"), "train")
+    train = layouts.load_source(str(tmp_path / "set.csv"), "train")
     assert train.label_names == ["Pneumonia", "Effusion"] and train.local.tolist() == [[1, 0], [0, 0]]
     assert train.abnormal.tolist() == [1, 0]
     assert abs(data.read_image(train.paths[0]).mean() - 128 / 255) < 1e-6
@@ -99,7 +101,7 @@ def test_csv_with_8_and_16_bit_pngs_a_byte_order_mark_and_an_excel_header(tmp_pa
 def test_a_csv_with_a_header_and_no_rows_says_the_split_is_empty(tmp_path):
     write_rows(tmp_path / "empty.csv", ["path", "Pneumonia"], [], bom=True)
     with pytest.raises(data.DataError, match="the train split is empty"):
-        data.load_source(str(tmp_path / "empty.csv"), "train")
+        layouts.load_source(str(tmp_path / "empty.csv"), "train")
 
 
 @pytest.mark.parametrize("value", ["2", "0.5", "yes"])
@@ -107,7 +109,7 @@ def test_a_label_that_is_not_1_0_or_minus_1_is_named_with_its_line(tmp_path, val
     write_image(tmp_path / "a.png", 0, True)
     write_rows(tmp_path / "bad.csv", ["path", "Pneumonia", "Effusion"], [["a.png", 1, 0], ["a.png", 0, value]])
     with pytest.raises(data.DataError, match=rf"bad.csv, line 3, column 'Effusion': holds '{value}'"):
-        data.load_sources(str(tmp_path / "bad.csv"))
+        layouts.load_sources(str(tmp_path / "bad.csv"))
 
 
 @pytest.mark.parametrize("policy, expected", [("zeros", 0), ("ones", 1)])
@@ -116,7 +118,7 @@ def test_uncertain_and_blank_labels_are_read_by_policy_and_counted(tmp_path, pol
         write_image(tmp_path / f"{n}.png", n, n % 2)
     write_rows(tmp_path / "u.csv", ["path", "split", "Edema", "Effusion"],
                [[f"{n}.png", "train" if n < 8 else "test", -1 if n == 0 else n % 2, "" if n == 1 else 0] for n in range(10)])
-    train = data.load_sources(str(tmp_path / "u.csv"), uncertain=policy)["train"]
+    train = layouts.load_sources(str(tmp_path / "u.csv"), uncertain=policy)["train"]
     assert train.local[0, 0] == expected and train.local[1, 1] == 0
     assert any(f"1 blank label cells read as 0, 1 uncertain (-1) read as {expected} (--uncertain {policy})" in n for n in train.notes)
 
@@ -124,16 +126,16 @@ def test_uncertain_and_blank_labels_are_read_by_policy_and_counted(tmp_path, pol
 def test_missing_column_file_and_folder_are_named(tmp_path):
     write_image(tmp_path / "a.png", 0, True)
     with pytest.raises(data.DataError, match="no such file or folder"):
-        data.load_source(str(tmp_path / "nowhere"), "train")
+        layouts.load_source(str(tmp_path / "nowhere"), "train")
     write_rows(tmp_path / "x.csv", ["path", "split"], [["a.png", "train"]])
     with pytest.raises(data.DataError, match="no label columns"):
-        data.load_source(str(tmp_path / "x.csv"), "train")
+        layouts.load_source(str(tmp_path / "x.csv"), "train")
     write_rows(tmp_path / "y.csv", ["file", "Cardiomegaly"], [["a.png", 1]])
     with pytest.raises(data.DataError, match="missing column 'path'"):
-        data.load_source(str(tmp_path / "y.csv"), "train")
+        layouts.load_source(str(tmp_path / "y.csv"), "train")
     write_rows(tmp_path / "z.csv", ["path", "Cardiomegaly", "split"], [["a.png", 1, "train"], ["b.png", 0, "test"]])
     with pytest.raises(data.DataError, match=r"b\.png: listed in .*z.csv but no such file \(1 missing in all\)"):
-        data.load_source(str(tmp_path / "z.csv"), "train")
+        layouts.load_source(str(tmp_path / "z.csv"), "train")
 
 
 def csv_set(tmp_path, n=60, patients=None, split=False):
@@ -153,7 +155,7 @@ def cached(sources, tmp_path):
 
 def test_without_split_or_ids_test_and_validation_are_disjoint_and_both_drawn(tmp_path):
     # the bug: test and validation were both chosen by the same unsalted hash, so validation was always empty
-    sets = cached(data.load_sources(csv_set(tmp_path)), tmp_path)
+    sets = cached(layouts.load_sources(csv_set(tmp_path)), tmp_path)
     train, test = sets["train"], sets["test"]
     val = data.validation_rows(train, 0.25)
     assert len(test) > 0 and len(val) > 0 and len(val) < len(train)
@@ -163,7 +165,7 @@ def test_without_split_or_ids_test_and_validation_are_disjoint_and_both_drawn(tm
 
 
 def test_a_patient_is_never_in_two_splits(tmp_path):
-    sources = data.load_sources(csv_set(tmp_path, n=80, patients=20))
+    sources = layouts.load_sources(csv_set(tmp_path, n=80, patients=20))
     train, test = sources["train"], sources["test"]
     assert set(train.groups).isdisjoint(test.groups) and len(set(test.groups)) >= 1
     assert train.groups[0] == "p0" or "p0" in test.groups  # the patient column is the group
@@ -182,7 +184,7 @@ def test_the_same_image_twice_is_reported_within_and_across_splits(tmp_path):
     write_rows(tmp_path / "leak.csv", ["path", "Nodule", "split", "patient_id"],
                [["a.png", 1, "train", "p1"], ["a-copy.png", 1, "train", "p2"], ["b.png", 0, "train", "p3"],
                 ["a.png", 1, "test", "p4"], ["c.png", 1, "test", "p3"]])
-    sets = cached(data.load_sources(str(tmp_path / "leak.csv")), tmp_path)
+    sets = cached(layouts.load_sources(str(tmp_path / "leak.csv")), tmp_path)
     notes = data.overlap_notes(sets)
     assert "train: 1 images repeat another image of train (the same pixels)" in notes
     assert any(n.startswith("leak: 1 images of test are also in train (the same pixels), e.g. a.png") for n in notes)
@@ -192,7 +194,7 @@ def test_the_same_image_twice_is_reported_within_and_across_splits(tmp_path):
 def test_cache_round_trip_with_boxes_and_a_corrupt_file_skipped(tmp_path):
     root = vindr_folder(tmp_path)
     (root / "train" / "b.dicom").write_bytes(b"not a dicom at all")
-    source = data.load_source(str(root), "train")
+    source = layouts.load_source(str(root), "train")
     folder = data.build_cache(source, 32, str(tmp_path / "cache"), workers=2, verbose=False)
     ds = data.XrayDataset(folder)
     assert len(ds) == 1 and ds.image_ids[int(ds.indices[0])] == "a"  # b was skipped, not silently kept
@@ -235,7 +237,7 @@ def test_interrupted_cache_build_resumes_where_it_stopped(tmp_path, monkeypatch)
 
 def synthetic_train(tmp_path):
     root = str(synthetic.make_synthetic(str(tmp_path / "syn"), n_train=12, n_test=2, workers=1, verbose=False))
-    return data.load_source(root, "train"), str(tmp_path / "cache")
+    return layouts.load_source(root, "train"), str(tmp_path / "cache")
 
 
 def truncate(path, keep=1000):

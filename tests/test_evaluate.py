@@ -122,11 +122,12 @@ def test_map_figures_have_one_panel_per_checkpoint_plus_the_input(tmp_path):
     import torch
 
     import data
+    import layouts
     import synthetic
     from vit import ViTConfig, VisionTransformer
 
     root = synthetic.make_synthetic(str(tmp_path / "syn"), n_train=2, n_test=4, seed=2, workers=1, verbose=False)
-    test = data.XrayDataset(data.build_cache(data.load_source(root, "test"), 64, str(tmp_path / "cache"), workers=1,
+    test = data.XrayDataset(data.build_cache(layouts.load_source(root, "test"), 64, str(tmp_path / "cache"), workers=1,
                                              verbose=False))
     model = VisionTransformer(ViTConfig(img_size=64, patch_size=16, embed_dim=24, depth=2, num_heads=2)).eval()
     loaded = [(model, dict(res=64, norm=[0.5, 0.25], role="teacher", kd=False)),

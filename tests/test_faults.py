@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import layouts
 import evaluate
 import train
 from helpers import class_folders
@@ -156,7 +157,7 @@ def test_a_teacher_or_init_file_that_is_not_a_checkpoint_is_one_line(tiny, tmp_p
 
 def test_evaluation_names_the_first_label_that_differs_and_survives_a_read_only_folder(tiny, tmp_path, capsys):
     tmp, flags = tiny
-    dataset = data.XrayDataset(data.build_cache(data.load_source(flags[1], "test"), 64, flags[3], verbose=False))
+    dataset = data.XrayDataset(data.build_cache(layouts.load_source(flags[1], "test"), 64, flags[3], verbose=False))
     other = teacher_file(tmp_path / "best.pt", ["COVID", "TB"])
     with pytest.raises(data.DataError, match="label 2 is 'TB', the test set's 'PNEUMONIA'"):
         evaluate.evaluate_checkpoints([other], dataset, n_boot=0)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import data
+import layouts
 import train
 from helpers import RAMP, chexpert_folder, class_folders, nih_folder, vindr_folder, write_dicom, write_image, write_rows
 
@@ -24,9 +25,9 @@ def short_run(capsys, tmp_path, dataset, *extra):
 
 def test_vindr_readers_majority_and_any(tmp_path):
     root = str(vindr_folder(tmp_path))
-    major = data.load_source(root, "train", readers="majority")
-    anyone = data.load_source(root, "train", readers="any")
-    col = {name: k for k, name in enumerate(data.LOCAL_LABELS)}
+    major = layouts.load_source(root, "train", readers="majority")
+    anyone = layouts.load_source(root, "train", readers="any")
+    col = {name: k for k, name in enumerate(layouts.LOCAL_LABELS)}
     assert major.image_ids == ["a", "b"]
     assert major.local[0, col["Cardiomegaly"]] == 1 and major.local[0, col["Nodule/Mass"]] == 0
     assert major.local[1].sum() == 0 and list(major.abnormal) == [1, 0]
@@ -40,8 +41,8 @@ def test_vindr_readers_majority_and_any(tmp_path):
 
 @pytest.mark.parametrize("spelling", ["Other disease", "Other diseases"])
 def test_vindr_test_split_accepts_both_spellings(tmp_path, spelling):
-    test = data.load_source(str(vindr_folder(tmp_path, spelling)), "test")
-    assert test.image_ids == ["t"] and test.local[0, data.LOCAL_LABELS.index("Pleural effusion")] == 1
+    test = layouts.load_source(str(vindr_folder(tmp_path, spelling)), "test")
+    assert test.image_ids == ["t"] and test.local[0, layouts.LOCAL_LABELS.index("Pleural effusion")] == 1
     assert test.boxes.shape == (1, 6)
 
 
@@ -69,12 +70,12 @@ def kaggle_folder(root, n=40, resized=None, meta=True):
 
 def test_kaggle_layout_its_split_and_its_validation(tmp_path):
     root = kaggle_folder(tmp_path)
-    sources = data.load_sources(root)
+    sources = layouts.load_sources(root)
     train_ids, test_ids = set(sources["train"].image_ids), set(sources["test"].image_ids)
     assert train_ids | test_ids == {f"img{k:03d}" for k in range(40)} and not train_ids & test_ids
-    assert test_ids == {i for i in train_ids | test_ids if data.hash_fraction(i) < 0.2} and 2 <= len(test_ids) <= 16
-    assert sources["train"].label_names == data.KAGGLE_LABELS and len(data.KAGGLE_LABELS) == 14
-    card = data.KAGGLE_LABELS.index("Cardiomegaly")
+    assert test_ids == {i for i in train_ids | test_ids if layouts.hash_fraction(i) < 0.2} and 2 <= len(test_ids) <= 16
+    assert sources["train"].label_names == layouts.KAGGLE_LABELS and len(layouts.KAGGLE_LABELS) == 14
+    card = layouts.KAGGLE_LABELS.index("Cardiomegaly")
     odd = np.array([int(i[3:]) % 2 for i in sources["train"].image_ids])
     np.testing.assert_array_equal(sources["train"].local[:, card], odd)  # two of three readers: positive by majority
     cache = data.XrayDataset(data.build_cache(sources["train"], 16, str(tmp_path / "cache"), workers=1, verbose=False))
@@ -82,14 +83,14 @@ def test_kaggle_layout_its_split_and_its_validation(tmp_path):
 
 
 def test_kaggle_resized_copy_finds_pngs_and_rescales_boxes_from_the_original_size(tmp_path):
-    sources = data.load_sources(kaggle_folder(tmp_path / "png", resized=48))
+    sources = layouts.load_sources(kaggle_folder(tmp_path / "png", resized=48))
     train = sources["train"]
     assert all(p.endswith(".png") for p in train.paths)
     ds = data.XrayDataset(data.build_cache(train, 64, str(tmp_path / "cache"), workers=1, verbose=False))
     n = next(n for n in ds.indices if len(ds.boxes(n)))
     # a box 32..64 x 24..48 in the original 128 x 96 pixels: 16..32 x 16..32 on the 64 px cache image
     np.testing.assert_allclose(ds.boxes(n)[0, 1:], [16, 16, 32, 32])
-    without = data.load_sources(kaggle_folder(tmp_path / "nometa", resized=48, meta=False))["train"]
+    without = layouts.load_sources(kaggle_folder(tmp_path / "nometa", resized=48, meta=False))["train"]
     assert len(without.boxes) == 0 and any("train_meta.csv is missing" in note for note in without.notes)
 
 
@@ -101,19 +102,19 @@ def test_kaggle_layout_trains_end_to_end_from_dicoms_and_from_a_resized_copy(tmp
 
 def test_nih_layout_lists_boxes_and_label_spelling(tmp_path):
     root = nih_folder(tmp_path / "nih")
-    sources = data.load_sources(root)
+    sources = layouts.load_sources(root)
     train, test = sources["train"], sources["test"]
-    assert train.label_names == data.NIH_LABELS and len(data.NIH_LABELS) == 14
+    assert train.label_names == layouts.NIH_LABELS and len(layouts.NIH_LABELS) == 14
     assert set(test.image_ids) == {line.strip() for line in open(os.path.join(root, "test_list.txt"))}
     assert set(train.groups).isdisjoint(test.groups)  # the official split is by patient
     n = train.image_ids.index("00000001_001.png")  # 'Infiltration|Effusion'
-    assert train.local[n].tolist() == [int(k in ("Infiltration", "Effusion")) for k in data.NIH_LABELS] and train.abnormal[n] == 1
+    assert train.local[n].tolist() == [int(k in ("Infiltration", "Effusion")) for k in layouts.NIH_LABELS] and train.abnormal[n] == 1
     normal = train.image_ids.index("00000003_001.png")  # 'No Finding'
     assert train.local[normal].sum() == 0 and train.abnormal[normal] == 0
     assert "images_002" in train.paths[train.image_ids.index("00000001_000.png")]  # spread over images_00N/images/
-    np.testing.assert_allclose(train.boxes, [[n, data.NIH_LABELS.index("Effusion"), 4.5, 6, 14.5, 18]])  # x, y, w, h
-    assert test.boxes[0, 1] == data.NIH_LABELS.index("Infiltration")  # 'Infiltrate' in BBox_List_2017.csv
-    hashed = data.load_sources(nih_folder(tmp_path / "nolists", lists=False))
+    np.testing.assert_allclose(train.boxes, [[n, layouts.NIH_LABELS.index("Effusion"), 4.5, 6, 14.5, 18]])  # x, y, w, h
+    assert test.boxes[0, 1] == layouts.NIH_LABELS.index("Infiltration")  # 'Infiltrate' in BBox_List_2017.csv
+    hashed = layouts.load_sources(nih_folder(tmp_path / "nolists", lists=False))
     assert set(hashed["train"].groups).isdisjoint(hashed["test"].groups)  # no lists: a hash split by patient
     assert any("held out by a hash" in note for note in hashed["train"].notes)
 
@@ -126,11 +127,11 @@ def test_nih_layout_trains_end_to_end(tmp_path, capsys):
 @pytest.mark.parametrize("policy", ["zeros", "ones"])
 def test_chexpert_frontal_views_uncertain_policy_and_blank_labels(tmp_path, policy):
     root = chexpert_folder(str(tmp_path))
-    sources = data.load_sources(root, uncertain=policy)
+    sources = layouts.load_sources(root, uncertain=policy)
     train, test = sources["train"], sources["test"]
-    assert train.label_names == data.CHEXPERT_LABELS and len(train.image_ids) == 16 and len(test.image_ids) == 16
+    assert train.label_names == layouts.CHEXPERT_LABELS and len(train.image_ids) == 16 and len(test.image_ids) == 16
     assert all("frontal" in p for p in train.paths) and any("32 lateral views not used" in n for n in train.notes)
-    edema = data.CHEXPERT_LABELS.index("Edema")
+    edema = layouts.CHEXPERT_LABELS.index("Edema")
     patient = {g: n for n, g in enumerate(train.groups)}
     assert train.local[patient["patient00001"], edema] == 1  # 1.0
     assert train.local[patient["patient00003"], edema] == 0  # 0.0
@@ -147,7 +148,7 @@ def test_chexpert_trains_end_to_end_with_the_uncertain_flag(tmp_path, capsys):
 
 def test_class_folders_with_split_folders_and_a_val_folder(tmp_path):
     root = class_folders(tmp_path / "cls", splits=("train", "val", "test"), normal="normal")
-    sources = data.load_sources(root)
+    sources = layouts.load_sources(root)
     train, test = sources["train"], sources["test"]
     assert train.label_names == ["COVID", "PNEUMONIA"] and len(test.image_ids) == 36
     assert train.val.sum() == 36 and all(i.startswith("val/") for i, v in zip(train.image_ids, train.val) if v)
@@ -162,7 +163,7 @@ def test_class_folders_with_split_folders_and_a_val_folder(tmp_path):
 
 @pytest.mark.parametrize("normal", ["NORMAL", "No Finding", "negative"])
 def test_class_folders_without_split_folders_use_a_hash_split(tmp_path, normal):
-    sources = data.load_sources(class_folders(tmp_path / "flat", splits=(), per_class=20, normal=normal, junk=False))
+    sources = layouts.load_sources(class_folders(tmp_path / "flat", splits=(), per_class=20, normal=normal, junk=False))
     assert sources["train"].label_names == ["COVID", "PNEUMONIA"]
     assert len(sources["test"].image_ids) > 0 and not set(sources["train"].image_ids) & set(sources["test"].image_ids)
     assert sources["train"].abnormal.sum() < len(sources["train"].image_ids)  # the normal class is normal
@@ -189,7 +190,7 @@ def test_csv_with_boxes_patients_and_no_split_trains_and_measures_localization(t
     boxes.append(["img/0/1.png", "Mass", 1, 1, 5, 5])  # a label outside the set: counted and named
     write_rows(tmp_path / "labels.csv", ["path", "Nodule", "patient_id"], rows)
     write_rows(tmp_path / "boxes.csv", ["path", "label", "x_min", "y_min", "x_max", "y_max"], boxes)
-    sources = data.load_sources(str(tmp_path / "labels.csv"))
+    sources = layouts.load_sources(str(tmp_path / "labels.csv"))
     assert len(sources["train"].boxes) + len(sources["test"].boxes) == 24
     assert any("outside the label set not used: Mass" in n for s in sources.values() for n in s.notes)
     out = short_run(capsys, tmp_path, tmp_path / "labels.csv")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import data
+import layouts
 import synthetic
 from mlcak import simulate_low_resolution
 
@@ -23,12 +23,12 @@ def test_synthetic_generator_is_byte_identical_for_a_seed(tmp_path):
         assert open(os.path.join(a, f), "rb").read() == open(os.path.join(b, f), "rb").read(), f
     assert open(os.path.join(a, "annotations", "image_labels_test.csv")).read() != \
         open(os.path.join(c, "annotations", "image_labels_test.csv")).read()
-    train = data.load_source(a, "train")
+    train = layouts.load_source(a, "train")
     assert len(train.image_ids) == 6 and {len(set(r["rad_id"] for r in csv.DictReader(
         open(os.path.join(a, "annotations", "image_labels_train.csv"))) if r["image_id"] == i)) for i in train.image_ids} == {3}
 
 
-@pytest.mark.parametrize("label", sorted(set(data.LOCAL_LABELS) - {"Mediastinal shift"}))
+@pytest.mark.parametrize("label", sorted(set(layouts.LOCAL_LABELS) - {"Mediastinal shift"}))
 def test_each_synthetic_finding_is_drawn_inside_its_box(label):
     h, w = 224, 208
     plain, _ = synthetic.synthetic_chest(np.random.default_rng(3), h, w, [])
@@ -42,10 +42,10 @@ def test_each_synthetic_finding_is_drawn_inside_its_box(label):
 
 def test_fine_findings_vanish_at_28_subtle_ones_are_attenuated_and_coarse_ones_stay():
     # the point of the synthetic set: what a finding changes in the image, seen at 224 and after 28 x 28
-    assert synthetic.COARSE | synthetic.SUBTLE | synthetic.FINE == set(data.LOCAL_LABELS)
+    assert synthetic.COARSE | synthetic.SUBTLE | synthetic.FINE == set(layouts.LOCAL_LABELS)
     assert len(synthetic.COARSE) + len(synthetic.SUBTLE) + len(synthetic.FINE) == 22 and len(synthetic.SUBTLE) == 7
     low = lambda image: simulate_low_resolution(torch.from_numpy(image)[None, None], 28)[0, 0].numpy()
-    for label in data.LOCAL_LABELS:
+    for label in layouts.LOCAL_LABELS:
         for seed in (0, 1):
             plain, _ = synthetic.synthetic_chest(np.random.default_rng(seed), 224, 224, [])
             drawn, _ = synthetic.synthetic_chest(np.random.default_rng(seed), 224, 224, [label])
@@ -56,7 +56,7 @@ def test_fine_findings_vanish_at_28_subtle_ones_are_attenuated_and_coarse_ones_s
 
 def test_synthetic_test_labels_and_boxes_agree(tmp_path):
     root = synthetic.make_synthetic(str(tmp_path / "s"), n_train=2, n_test=20, seed=1, workers=1, verbose=False)
-    test = data.load_source(root, "test")
+    test = layouts.load_source(root, "test")
     boxed = np.zeros_like(test.local)
     boxed[test.boxes[:, 0].astype(int), test.boxes[:, 1].astype(int)] = 1
     np.testing.assert_array_equal(boxed, test.local)
