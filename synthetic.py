@@ -247,7 +247,7 @@ def _synthetic_case(job):
     if split == "test":
         return image_id, [(None, boxes)]
     readers = []  # three readers who sometimes miss a finding (subtle and fine ones more often) or report a false one
-    miss = {**dict.fromkeys(COARSE, 0.1), **dict.fromkeys(SUBTLE, 0.2), **dict.fromkeys(FINE, 0.3)}
+    miss = {label: 0.1 if label in COARSE else 0.2 if label in SUBTLE else 0.3 for label in LOCAL_LABELS}
     for rad in rng.choice(17, size=3, replace=False) + 1:
         seen = [b for b in boxes if rng.random() > miss[b[0]]]
         seen = [(b[0], *(np.array(b[1:]) + rng.normal(0, 2, 4))) for b in seen]

@@ -1,4 +1,5 @@
-"""Each dataset layout as people download it: read, then trained end to end for one short epoch (train.cli)."""
+"""Each dataset layout as people download it (layouts.py): read, then trained end to end for one short epoch
+(train.cli); then the label cells and paths that every CSV-based layout checks."""
 
 import os
 import re
@@ -195,3 +196,45 @@ def test_csv_with_boxes_patients_and_no_split_trains_and_measures_localization(t
     assert any("outside the label set not used: Mass" in n for s in sources.values() for n in s.notes)
     out = short_run(capsys, tmp_path, tmp_path / "labels.csv")
     assert "attention in box" in out and "pointing game" in out
+
+
+# ---- label cells and paths, the same in every layout that reads a CSV
+
+def test_a_csv_with_a_header_and_no_rows_says_the_split_is_empty(tmp_path):
+    write_rows(tmp_path / "empty.csv", ["path", "Pneumonia"], [], bom=True)
+    with pytest.raises(layouts.DataError, match="the train split is empty"):
+        layouts.load_source(str(tmp_path / "empty.csv"), "train")
+
+
+@pytest.mark.parametrize("value", ["2", "0.5", "yes"])
+def test_a_label_that_is_not_1_0_or_minus_1_is_named_with_its_line(tmp_path, value):
+    write_image(tmp_path / "a.png", 0, True)
+    write_rows(tmp_path / "bad.csv", ["path", "Pneumonia", "Effusion"], [["a.png", 1, 0], ["a.png", 0, value]])
+    with pytest.raises(layouts.DataError, match=rf"bad.csv, line 3, column 'Effusion': holds '{value}'"):
+        layouts.load_sources(str(tmp_path / "bad.csv"))
+
+
+@pytest.mark.parametrize("policy, expected", [("zeros", 0), ("ones", 1)])
+def test_uncertain_and_blank_labels_are_read_by_policy_and_counted(tmp_path, policy, expected):
+    for n in range(10):
+        write_image(tmp_path / f"{n}.png", n, n % 2)
+    write_rows(tmp_path / "u.csv", ["path", "split", "Edema", "Effusion"],
+               [[f"{n}.png", "train" if n < 8 else "test", -1 if n == 0 else n % 2, "" if n == 1 else 0] for n in range(10)])
+    train = layouts.load_sources(str(tmp_path / "u.csv"), uncertain=policy)["train"]
+    assert train.local[0, 0] == expected and train.local[1, 1] == 0
+    assert any(f"1 blank label cells read as 0, 1 uncertain (-1) read as {expected} (--uncertain {policy})" in n for n in train.notes)
+
+
+def test_missing_column_file_and_folder_are_named(tmp_path):
+    write_image(tmp_path / "a.png", 0, True)
+    with pytest.raises(layouts.DataError, match="no such file or folder"):
+        layouts.load_source(str(tmp_path / "nowhere"), "train")
+    write_rows(tmp_path / "x.csv", ["path", "split"], [["a.png", "train"]])
+    with pytest.raises(layouts.DataError, match="no label columns"):
+        layouts.load_source(str(tmp_path / "x.csv"), "train")
+    write_rows(tmp_path / "y.csv", ["file", "Cardiomegaly"], [["a.png", 1]])
+    with pytest.raises(layouts.DataError, match="missing column 'path'"):
+        layouts.load_source(str(tmp_path / "y.csv"), "train")
+    write_rows(tmp_path / "z.csv", ["path", "Cardiomegaly", "split"], [["a.png", 1, "train"], ["b.png", 0, "test"]])
+    with pytest.raises(layouts.DataError, match=r"b\.png: listed in .*z.csv but no such file \(1 missing in all\)"):
+        layouts.load_source(str(tmp_path / "z.csv"), "train")
