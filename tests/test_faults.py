@@ -171,8 +171,11 @@ def test_evaluation_names_the_first_label_that_differs_and_survives_a_read_only_
 
 def test_ctrl_c_says_how_to_resume_instead_of_a_traceback(tiny, tmp_path):
     tmp, flags = tiny
+    # a background job (pytest ... &) starts with Ctrl-C ignored, and its children inherit that: give the run the
+    # default a user at the keyboard has, or the signal below would be ignored and the run go on to its end
     process = subprocess.Popen([sys.executable, "train.py", *flags, "--out", str(tmp_path), "--epochs", "50",
-                                "--log-every", "1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                "--log-every", "1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in process.stdout:
         if line.startswith("teacher epoch 2/50 step"):
             process.send_signal(signal.SIGINT)
