@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 import data
+import layouts
 import synthetic
 import train
 from mlcak import joint_loss, model_input, teacher_targets
@@ -155,7 +156,7 @@ def bench_variant(name, args, device):
 def bench_loader(args, device):
     """Images per second out of the cached dataset through a DataLoader (the default data, as train.py reads it)."""
     root = synthetic.make_synthetic(os.path.join(data.DEFAULT_DATA, "synthetic"), verbose=False)
-    dataset = data.XrayDataset(data.build_cache(data.load_source(root, "train"), 224, verbose=False))
+    dataset = data.XrayDataset(data.build_cache(layouts.load_source(root, "train"), 224, verbose=False))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                                          pin_memory=device.type == "cuda", drop_last=True)
     start, count = time.perf_counter(), 0

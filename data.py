@@ -159,7 +159,7 @@ def damage(folder, n, size):
 
 def build_cache(source, size=224, cache_root=None, workers=None, verbose=True, create=True):
     """
-    Decodes every image of a Source once (all cores), squashed to size x size, into <folder>/images.npy (uint8,
+    Decodes every image of a layouts.Source once (all cores), squashed to size x size, into <folder>/images.npy (uint8,
     memory-mapped) with targets.npz (labels, boxes, frames, a digest of each image's pixels) and meta.json.
     Re-running after an interrupt continues where it stopped; unreadable files are skipped and listed in
     skipped.txt; a damaged cache is said and rebuilt. create=False waits for another process's build
