@@ -305,7 +305,9 @@ def evaluate_checkpoints(paths, dataset, device="cpu", n_boot=1000, pairs=None, 
         prediction = predict(model, dataset, ckpt["res"], ckpt["norm"], device)
         result = metrics(*prediction, dataset.label_names)
         located = localization_score(model, ckpt, dataset, device)
-        located_rows = located and (located.pop("rows"), located.pop("in_box"), located.pop("hit"))
+        located_rows = None
+        if located:  # the per-image arrays feed the bootstrap; the result keeps the summary
+            located_rows = (located.pop("rows"), located.pop("in_box"), located.pop("hit"))
         point = scores(prediction, np.ones((1, n)), index, located_rows)
         result.update(checkpoint=path, name=run_name(ckpt), seed=ckpt.get("args", {}).get("seed"), localization=located,
                       scores={k: float(v[0]) for k, v in point.items() if k != "per label"})

@@ -110,7 +110,8 @@ def label_value(table, value, path, line, column, uncertain="zeros"):
     if v in ("1", "1.0"):
         return 1
     if v in ("0", "0.0", ""):
-        table.blank += v == ""
+        if v == "":
+            table.blank += 1
         return 0
     if v in ("-1", "-1.0"):
         table.uncertain += 1
@@ -352,7 +353,7 @@ def load_sources(path, readers="majority", uncertain="zeros", views="frontal", b
         sources[split] = Source(table.name, split, [r.image_id for r in rows], [r.path for r in rows], table.label_names,
                                 local, abnormal, np.array(boxes, np.float32).reshape(-1, 6), frames,
                                 [r.group for r in rows], np.array([r.split == "val" for r in rows]), notes)
-    sources["train"].notes[:0] = table.notes  # said once
+    sources["train"].notes = table.notes + sources["train"].notes  # the layout's notes, said once
     return sources
 
 

@@ -269,7 +269,8 @@ def train(role, model, run_dir, train_set, val_set, res, args, ddp, info, teache
                       f"{rate:.0f} img/s, ETA {(total - step) * args.batch_size / rate:.0f}s", flush=True)
         val = metrics(*sharded_predict(raw, val_set, res, ddp), val_set.label_names) if len(val_set) else None
         score = val["mean_local_auroc"] if val else float("nan")
-        summary = dict(epoch=epoch + 1, val_mean_local_auroc=score, val_normal_abnormal_auroc=val and val["normal_abnormal_auroc"])
+        summary = dict(epoch=epoch + 1, val_mean_local_auroc=score,
+                       val_normal_abnormal_auroc=val["normal_abnormal_auroc"] if val else None)
         if ddp.master:
             if val:
                 print(f"{role} epoch {epoch + 1}: val mean local AUROC {score:.3f} ({val['labels_defined']} labels), "
@@ -305,7 +306,10 @@ class StageData:
         self.batch_sampler = torch.utils.data.BatchSampler(self.sampler, args.batch_size // ddp.world, drop_last=True)
         self.steps = len(self.batch_sampler)
         S, T, L = args.img_size, (args.img_size // VARIANTS[args.model].get("patch_size", 16)) ** 2 + 1, len(dataset.label_names)
-        size = len(dataset) * 4 * (S * S + L + 1 + (teacher is not None) * (L + 2 + T * T * need_attn))
+        per_image = S * S + L + 1  # float32 values: the model input, the local targets, abnormal
+        if teacher is not None:
+            per_image += L + 2 + (T * T if need_attn else 0)  # the teacher's probabilities and its MLCAK map
+        size = 4 * len(dataset) * per_image
         self.table = None
         if size <= self.LIMIT:
             loader = torch.utils.data.DataLoader(dataset, batch_size=128, num_workers=args.workers)
@@ -407,7 +411,7 @@ class RunFolders:
                            batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
                            seed=args.seed, readers=args.readers, val_fraction=args.val_fraction,
                            data=[os.path.basename(info["train_cache"]), os.path.basename(info["test_cache"])],
-                           init=args.init and [os.path.abspath(args.init), os.path.getmtime(args.init), args.init_norm])
+                           init=[os.path.abspath(args.init), os.path.getmtime(args.init), args.init_norm] if args.init else None)
         self.teacher = os.path.join(args.out, f"teacher-{args.img_size}-{short_hash(self.recipe)}")
         self.teacher_checkpoint = args.teacher or os.path.join(self.teacher, "best.pt")
         # an mlcak student is tied to its teacher: a given --teacher file, or the one this recipe trains
