@@ -9,8 +9,8 @@ it) on the explicit-attention and the fused path, and inference, against a refer
 PyTorch's nn.TransformerEncoderLayer; the mlcak student's step with the teacher's targets looked up (as train.py
 does) and with the teacher run at every step; the student's input; the cached data loader. These isolated steps
 are what train.py's progress lines are measured against, and for vit_cpu train.py's own loop runs here too, for
-three epochs of each stage on the default data, so the two compare in one process. It also prints the achieved
-GFLOP/s of the training step next to this machine's matrix-multiply peak, measured here too.
+three epochs of each stage on the default data (or --data), so the two compare in one process. It also prints the
+achieved GFLOP/s of the training step next to this machine's matrix-multiply peak, measured here too.
 """
 
 import argparse
@@ -154,9 +154,10 @@ def bench_variant(name, args, device):
 
 
 def bench_loader(args, device):
-    """Images per second out of the cached dataset through a DataLoader (the default data, as train.py reads it)."""
-    root = synthetic.make_synthetic(os.path.join(data.DEFAULT_DATA, "synthetic"), verbose=False)
-    dataset = data.XrayDataset(data.build_cache(layouts.load_source(root, "train"), 224, verbose=False))
+    """Images per second out of the cached dataset through a DataLoader (--data, or the default data, as train.py
+    reads it)."""
+    root = args.data or synthetic.make_synthetic(os.path.join(data.DEFAULT_DATA, "synthetic"), verbose=False)
+    dataset = data.XrayDataset(data.build_cache(layouts.load_source(root, "train"), 224, args.cache_dir, verbose=False))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                                          pin_memory=device.type == "cuda", drop_last=True)
     start, count = time.perf_counter(), 0
@@ -172,26 +173,29 @@ def bench_loader(args, device):
 def bench_loop(args, device, epochs=3):
     """
     train.py's own loop (train.train: batches, steps, validation and checkpoints each epoch) for a few epochs of the
-    teacher and of the mlcak student on the default synthetic data, in images per second as its progress lines count
-    them: in the same process as the isolated steps, so the two can be compared on a machine whose speed drifts.
+    teacher and of the mlcak student on --data (default: the synthetic default data), in images per second as its
+    progress lines count them: in the same process as the isolated steps, so the two can be compared on a machine
+    whose speed drifts.
     """
-    out = tempfile.mkdtemp(prefix="mlcak-bench-")
-    argv = ["--epochs", str(epochs), "--batch-size", str(args.batch_size), "--out", out, "--device", args.device,
+    out = tempfile.TemporaryDirectory(prefix="mlcak-bench-")  # the loop's checkpoints, removed afterwards
+    argv = ["--epochs", str(epochs), "--batch-size", str(args.batch_size), "--out", out.name, "--device", args.device,
             "--log-every", "1000000"] + (["--amp"] if args.amp else [])
+    argv += (["--data", args.data] if args.data else []) + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
     targs = train.parse_args(argv)
     ddp = train.Ddp(device, True)
-    with contextlib.redirect_stdout(io.StringIO()):  # the data's and the loop's own progress lines
+    with out, contextlib.redirect_stdout(io.StringIO()):  # the data's and the loop's own progress lines
         train_set, val_set, _, info = train.prepare_data(targs, ddp, train.Clock())
         cfg = ViTConfig(num_local=len(train_set.label_names), **VARIANTS["vit_cpu"])
         teacher = VisionTransformer(cfg).to(device).eval().requires_grad_(False)
         rates = {}
         for role, res, frozen in (("teacher", cfg.img_size, None), ("mlcak", 28, teacher)):
             model = train.initial_model(cfg, targs, ddp)
-            _, rates[role] = train.train(role, model, os.path.join(out, role), train_set, val_set, res, targs, ddp, info, frozen)
+            _, rates[role] = train.train(role, model, os.path.join(out.name, role), train_set, val_set, res, targs, ddp, info,
+                                         frozen)
     return rates
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description="Benchmark our ViT and the MLCAK step.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--variants", nargs="+", default=["vit_cpu", "vit_tiny"], choices=sorted(VARIANTS), help="ViT variants to measure")
     p.add_argument("--batch-size", type=int, default=32, help="images per step")
@@ -199,8 +203,10 @@ def main():
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     p.add_argument("--workers", type=int, default=0, help="data loader workers")
-    p.add_argument("--no-loop", dest="loop", action="store_false", help="skip train.py's loop on the default data (vit_cpu)")
-    args = p.parse_args()
+    p.add_argument("--no-loop", dest="loop", action="store_false", help="skip train.py's loop on the data (vit_cpu)")
+    p.add_argument("--data", help="dataset for the loader and the loop, in a layout train.py reads (default: the synthetic default data)")
+    p.add_argument("--cache-dir", help="where its decoded images are cached (default: data/cache in this project)")
+    args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.amp else torch.float32
@@ -228,7 +234,7 @@ def main():
               f"mlcak {0.9 * mlcak:.0f} img/s")
         if variant == "vit_cpu" and args.loop:
             loop = bench_loop(args, device)
-            print(f"  train.py's loop, 3 epochs on the default data: teacher {loop['teacher']:.0f} img/s "
+            print(f"  train.py's loop, 3 epochs on {args.data or 'the default data'}: teacher {loop['teacher']:.0f} img/s "
                   f"({loop['teacher'] / fused:.0%} of the fused step), mlcak {loop['mlcak']:.0f} img/s "
                   f"({loop['mlcak'] / mlcak:.0%} of the mlcak step)")
         achieved = train_flops_per_image(cfg) * fused / 1e9

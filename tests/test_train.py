@@ -253,3 +253,23 @@ def test_amp_and_compile_run_and_save_clean_keys(tiny):
     small_run(tmp, "compiled", "--amp", "--compile", "--no-kd", epochs=1)
     keys = final_weights(tmp / "compiled", "baseline")
     assert "pos_embed" in keys and not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
+
+
+def test_bench_runs_every_measurement_on_given_data_and_leaves_no_run_folder(tmp_path):
+    # bench.py's numbers are measurements, not asserted here: only that each row is there and each rate is positive
+    root = synthetic.make_synthetic(str(tmp_path / "syn"), n_train=40, n_test=8, seed=1, workers=1, verbose=False)
+    (tmp_path / "tmp").mkdir()
+    result = subprocess.run([sys.executable, "bench.py", "--variants", "vit_cpu", "--seconds", "0.01", "--batch-size", "8",
+                             "--data", root, "--cache-dir", str(tmp_path / "cache")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env=dict(os.environ, TMPDIR=str(tmp_path / "tmp")))
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = dict(re.findall(r"^  (\S.*?)\s+([\d.]+) img/s$", result.stdout, re.M))
+    for name in ("train, ours explicit attention", "train, ours fused attention (teacher, baseline)",
+                 "train, reference (nn.TransformerEncoderLayer)", "inference, ours fused",
+                 "inference, ours explicit (attention returned)", "inference, reference",
+                 "mlcak step, teacher targets looked up (train.py)", "mlcak step, teacher run at each step",
+                 "student input (mlcak.model_input at 28)"):
+        assert float(rows[name]) > 0, name
+    assert re.search(r"ratio data loader / fused train step +[\d.]+ \(loader \d+ img/s\)", result.stdout)
+    assert re.search(rf"train.py's loop, 3 epochs on {re.escape(root)}: teacher \d+ img/s", result.stdout)
+    assert not [p for p in os.listdir(tmp_path / "tmp") if p.startswith("mlcak-bench-")]  # the loop's checkpoints removed
