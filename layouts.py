@@ -18,6 +18,7 @@ Where a layout has no test split, it is drawn by a hash of the patient (or image
 import csv
 import glob
 import hashlib
+import math
 import os
 import re
 from collections import namedtuple
@@ -94,7 +95,7 @@ def read_csv(path, required=()):
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
     with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
+        reader = csv.DictReader(f, restval="")  # a short row's missing cells are blank, checked like any other
         header = [c.strip() for c in reader.fieldnames or []]
         reader.fieldnames = header
         rows = list(reader)
@@ -126,10 +127,22 @@ def aggregate_readers(votes, n_readers, readers):
     return (votes > 0).astype(np.uint8)
 
 
+def number(value, path, line, column):
+    """A coordinate or size cell as a float; anything else (blank, text, nan) is an error that names the cell."""
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        result = math.nan
+    if not math.isfinite(result):
+        raise DataError(f"{path}, line {line}, column '{column}': holds '{value}', expected a number")
+    return result
+
+
 def box_rows(path, rows, id_column="image_id", label_column="class_name"):
     """(image_id, label, x_min, y_min, x_max, y_max) of the rows that have a box (a 'No finding' row has none)."""
     corners = ("x_min", "y_min", "x_max", "y_max")
-    return [(r[id_column], r[label_column], *(float(r[c]) for c in corners)) for r in rows if r[corners[0]].strip()]
+    return [(r[id_column], r[label_column], *(number(r[c], path, line, c) for c in corners))
+            for line, r in enumerate(rows, 2) if r[corners[0]].strip()]
 
 
 # ---------------------------------------------------------------------------------------------- the layouts
@@ -189,7 +202,9 @@ def read_kaggle(root, readers="majority", **_):
     table.boxes = box_rows(path, rows)
     meta = os.path.join(root, "train_meta.csv")
     if os.path.isfile(meta):  # a resized copy: the original sizes place the boxes on the smaller image
-        table.frames = {r["image_id"]: (float(r["dim0"]), float(r["dim1"])) for r in read_csv(meta, ["image_id", "dim0", "dim1"])[1]}
+        _, sizes = read_csv(meta, ["image_id", "dim0", "dim1"])
+        table.frames = {r["image_id"]: (number(r["dim0"], meta, line, "dim0"), number(r["dim1"], meta, line, "dim1"))
+                        for line, r in enumerate(sizes, 2)}
     elif any(not p.lower().endswith((".dicom", ".dcm")) for p in files.values()):
         table.notes.append(f"{folder} holds resized PNG/JPEG files but {meta} is missing: the boxes (in original "
                            "DICOM pixels) cannot be placed on them and are not used; localization is not measured")
@@ -219,9 +234,9 @@ def read_nih(root, **_):
     bbox = os.path.join(root, "BBox_List_2017.csv")
     if os.path.isfile(bbox):  # its header 'Bbox [x,y,w,h]' spans four columns, so the columns are read by place
         with open(bbox, newline="", encoding="utf-8-sig") as f:
-            for r in list(csv.reader(f))[1:]:
+            for line, r in enumerate(list(csv.reader(f))[1:], 2):
                 if len(r) >= 6 and r[2].strip():
-                    x, y, w, h = map(float, r[2:6])
+                    x, y, w, h = (number(v, bbox, line, name) for v, name in zip(r[2:6], ("x", "y", "w", "h")))
                     table.boxes.append((r[0], {"Infiltrate": "Infiltration"}.get(r[1], r[1]), x, y, x + w, y + h))
     return table
 
@@ -287,6 +302,8 @@ def read_csv_layout(path, uncertain="zeros", boxes=None, **_):
             raise DataError(f"{path}, line {line}: column 'split' holds '{split}', expected train, val or test")
         local = [label_value(table, r[c], path, line, c, uncertain) for c in table.label_names]
         abnormal = 1 - label_value(table, r["No finding"], path, line, "No finding") if "No finding" in header else None
+        if not r["path"].strip():
+            raise DataError(f"{path}, line {line}: column 'path' is empty")
         image_id = r.get("image_id") or r["path"]
         table.rows.append(Row(image_id, os.path.join(base, r["path"]), local, abnormal, split, r.get("patient_id") or image_id))
     boxes = boxes or os.path.join(base, "boxes.csv")

@@ -238,3 +238,26 @@ def test_missing_column_file_and_folder_are_named(tmp_path):
     write_rows(tmp_path / "z.csv", ["path", "Cardiomegaly", "split"], [["a.png", 1, "train"], ["b.png", 0, "test"]])
     with pytest.raises(layouts.DataError, match=r"b\.png: listed in .*z.csv but no such file \(1 missing in all\)"):
         layouts.load_source(str(tmp_path / "z.csv"), "train")
+    with open(tmp_path / "short.csv", "w") as f:  # a row cut short: its path and split cells are missing
+        f.write("Cardiomegaly,path,split\n1,a.png,train\n0\n")
+    with pytest.raises(layouts.DataError, match=r"short.csv, line 3: column 'path' is empty"):
+        layouts.load_source(str(tmp_path / "short.csv"), "train")
+
+
+def test_a_box_corner_that_is_not_a_number_is_named_with_its_file_line_and_column(tmp_path):
+    write_image(tmp_path / "a.png", 0, True)
+    write_rows(tmp_path / "labels.csv", ["path", "Nodule"], [["a.png", 1]])
+    write_rows(tmp_path / "boxes.csv", ["path", "label", "x_min", "y_min", "x_max", "y_max"],
+               [["a.png", "Nodule", 1, 2, 3, 4], ["a.png", "Nodule", 1, "", 3, 4]])
+    with pytest.raises(layouts.DataError, match=r"boxes.csv, line 3, column 'y_min': holds '', expected a number"):
+        layouts.load_sources(str(tmp_path / "labels.csv"))
+    write_rows(tmp_path / "boxes.csv", ["path", "label", "x_min", "y_min", "x_max", "y_max"],
+               [["a.png", "Nodule", 1, 2, "nan", 4]])  # a NaN corner would make a box that covers nothing
+    with pytest.raises(layouts.DataError, match=r"boxes.csv, line 2, column 'x_max': holds 'nan', expected a number"):
+        layouts.load_sources(str(tmp_path / "labels.csv"))
+    root = nih_folder(tmp_path / "nih")
+    with open(os.path.join(root, "BBox_List_2017.csv"), "a") as f:
+        f.write("00000002_000.png,Mass,10,10,wide,5,,,\n")
+    with pytest.raises(layouts.DataError, match=r"BBox_List_2017.csv, line 4, column 'w': holds 'wide'"):
+        layouts.load_sources(root)
+
