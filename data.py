@@ -49,7 +49,8 @@ def read_dicom(path):
     """
     A radiograph as float32 in [0, 1], as it should look on screen (lungs dark, bone bright): stored values ->
     modality LUT (or rescale) -> VOI LUT, or window centre/width (linear, c +- w/2), or else the image's own
-    min..max -> MONOCHROME1 inverted last, after the windowing that is defined on its stored polarity.
+    min..max -> MONOCHROME1 inverted last, after the windowing that is defined on its stored polarity. A colour
+    DICOM (RGB, or YBR that pydicom turns into RGB) is taken as displayed and made grey; a multi-frame one is refused.
     """
     try:
         ds = pydicom.dcmread(path, force=True)
@@ -67,6 +68,12 @@ def read_dicom(path):
     except Exception as err:
         hint = f"; install a decoder: pip install {PLUGIN_HINTS[syntax]}" if syntax in PLUGIN_HINTS else ""
         raise DataError(f"{path}: cannot decode pixel data ({type(err).__name__}: {str(err).splitlines()[0]}){hint}") from None
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise DataError(f"{path}: a DICOM of {frames} frames; a radiograph has one")
+    if ds.get("SamplesPerPixel", 1) == 3:  # a colour capture (a scanned film, a screenshot): display-ready, made grey
+        grey = pixels.astype(np.float64) @ [0.299, 0.587, 0.114]  # (H, W, 3) -> (H, W), ITU-R BT.601 luma
+        return np.clip(grey / (2 ** int(ds.get("BitsStored", 8)) - 1), 0, 1).astype(np.float32)
     image = apply_modality_lut(pixels, ds).astype(np.float64)
     if "VOILUTSequence" in ds:
         image = apply_voi_lut(image, ds, prefer_lut=True)

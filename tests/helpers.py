@@ -15,11 +15,14 @@ RAMP = np.tile(np.linspace(0, 4000, 16), (8, 1)).round()  # 8 x 16, stored value
 
 
 def write_dicom(path, pixels, photometric="MONOCHROME2", syntax=ExplicitVRLittleEndian, file_meta=True, **tags):
-    """A 12-bit DICOM; file_meta=False writes it as older archives did, without preamble and meta header."""
+    """A 12-bit DICOM of pixels (H, W), or (H, W, 3) for RGB; file_meta=False writes it as older archives did,
+    without preamble and meta header."""
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.4"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = (3 if photometric == "RGB" else 1), photometric
+    if photometric == "RGB":
+        ds.PlanarConfiguration = 0  # R, G, B of each pixel side by side
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     for key, value in tags.items():
         setattr(ds, key, value)

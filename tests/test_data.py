@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 from pydicom.uid import JPEGLSLossless
@@ -39,6 +40,22 @@ def test_a_dicom_without_file_meta_decodes_like_one_with_it(tmp_path):
     without = write_dicom(tmp_path / "old.dcm", RAMP, "MONOCHROME1", file_meta=False, WindowCenter=2000, WindowWidth=3000)
     assert open(without, "rb").read(132)[128:132] != b"DICM"  # really no preamble and no meta header
     np.testing.assert_array_equal(data.read_dicom(str(without)), data.read_dicom(str(with_meta)))
+
+
+def test_a_colour_dicom_is_made_grey_and_a_multi_frame_one_is_named(tmp_path):
+    rgb = np.zeros((8, 16, 3))
+    rgb[:, :8, 0] = 4095  # left half pure red, right half pure blue, at the 12-bit maximum
+    rgb[:, 8:, 2] = 4095
+    image = data.read_dicom(str(write_dicom(tmp_path / "rgb.dcm", rgb, "RGB")))
+    assert image.shape == (8, 16)
+    np.testing.assert_allclose(image[:, :8], 0.299, atol=1e-6)  # the luma of red and of blue
+    np.testing.assert_allclose(image[:, 8:], 0.114, atol=1e-6)
+    frames = write_dicom(tmp_path / "frames.dcm", np.concatenate([RAMP, RAMP]), NumberOfFrames=2)
+    frames_ds = pydicom.dcmread(frames)
+    frames_ds.Rows = 8  # two 8 x 16 frames, one after the other
+    frames_ds.save_as(frames)
+    with pytest.raises(data.DataError, match=r"frames\.dcm: a DICOM of 2 frames; a radiograph has one"):
+        data.read_dicom(str(frames))
 
 
 def test_compressed_syntax_without_plugin_names_what_to_install(tmp_path):
