@@ -20,14 +20,15 @@ from multiprocessing import Pool
 import numpy as np
 import pydicom
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from layouts import DataError, hash_fraction
+from runtime import Lock, free_space, temporary_name
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: box origins and the files' ctime in the key
 # transfer syntaxes that pydicom cannot decode on its own, and what to install for them
 PLUGIN_HINTS = {
     "1.2.840.10008.1.2.4.57": "pylibjpeg pylibjpeg-libjpeg (or python-gdcm)",  # JPEG lossless
@@ -76,8 +77,10 @@ def read_dicom(path):
         return np.clip(grey / (2 ** int(ds.get("BitsStored", 8)) - 1), 0, 1).astype(np.float32)
     image = apply_modality_lut(pixels, ds).astype(np.float64)
     if "VOILUTSequence" in ds:
-        image = apply_voi_lut(image, ds, prefer_lut=True)
-        low, high = image.min(), image.max()
+        # a LUT is indexed by integers (pydicom warns on floats); its output spans 0 .. 2^bits - 1, as declared
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        image = apply_voi_lut(np.rint(image).astype(np.int64), ds, prefer_lut=True).astype(np.float64)
+        low, high = 0, 2 ** bits - 1
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         # either tag may hold several windows (a multi-value): the first is the default view
         centre, width = (float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)
@@ -86,6 +89,10 @@ def read_dicom(path):
     else:
         low, high = image.min(), image.max()
     image = np.clip((image - low) / max(high - low, 1e-6), 0, 1)
+    if image.min() == image.max():
+        why = ("its RescaleSlope is 0" if float(ds.get("RescaleSlope", 1) or 0) == 0 else
+               "its stored values are all the same" if pixels.min() == pixels.max() else "its window lies outside its values")
+        raise DataError(f"{path}: every pixel decodes to the same grey ({why}): not a radiograph to learn from")
     if ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
         image = 1 - image
     return image.astype(np.float32)
@@ -93,21 +100,30 @@ def read_dicom(path):
 
 def read_image(path):
     """
-    DICOM (by extension or content), or PNG/JPEG, as float32 in [0, 1]. An 8-bit image is display-ready (/ 255); a
+    DICOM (by extension or content), or any image Pillow reads (PNG, JPEG, BMP, TIFF, WebP, GIF), as float32 in
+    [0, 1], turned upright by its EXIF orientation as a viewer shows it. An 8-bit image is display-ready (/ 255); a
     16-bit one often holds 10 or 12-bit values, so like a DICOM without a window it is spread over its own range.
+    An empty file, or an image whose pixels are all the same grey, is a DataError: it holds nothing to learn from.
     """
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: an empty file")
     if path.lower().endswith((".dcm", ".dicom")):
         return read_dicom(path)
     try:
         with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)  # a phone or scanner JPEG may be stored on its side
             if im.mode.startswith(("I", "F")):
                 image = np.asarray(im, np.float32)
-                return (image - image.min()) / max(float(image.max() - image.min()), 1e-6)
-            return np.asarray(im.convert("L"), np.float32) / 255.0
+                image = (image - image.min()) / max(float(image.max() - image.min()), 1e-6)
+            else:
+                image = np.asarray(im.convert("L"), np.float32) / 255.0
     except Exception as err:
         if pydicom.misc.is_dicom(path):
             return read_dicom(path)
         raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+    if image.min() == image.max():
+        raise DataError(f"{path}: every pixel is the same grey: not a radiograph to learn from")
+    return image
 
 
 def resize_uint8(image, size):
@@ -128,12 +144,16 @@ def _decode_one(job):
 # ---------------------------------------------------------------------------------------------- cache
 
 def cache_key(source, size):
-    """Changes when the files, their labels, the size or the format change, so a stale cache is never reused."""
+    """
+    Changes when the list of files, their labels and boxes, the size or the cache format change, or when any file's
+    size, modification time or inode change time (ctime) does: a quick check, as rsync's, that never reads the
+    files. Rewriting a file changes its ctime, which no tool sets back; --rebuild-cache decodes everything again.
+    """
     h = hashlib.sha1(json.dumps([CACHE_VERSION, source.name, source.split, size, source.label_names,
                                  source.image_ids, source.groups]).encode())
     for p in source.paths:
         st = os.stat(p)
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}".encode())
     for array in (source.local, source.abnormal, source.boxes, source.frames, source.val):
         h.update(np.ascontiguousarray(array).tobytes())
     return h.hexdigest()
@@ -149,8 +169,11 @@ def cache_folder(source, size=224, cache_root=None):
     return os.path.join(cache_root or os.path.join(DEFAULT_DATA, "cache"), f"{source.name}-{source.split}-{size}-{key}")
 
 
+TARGETS = ("local", "abnormal", "boxes", "box_origins", "frames", "val", "usable", "digests")
+
+
 def damage(folder, n, size):
-    """Why the arrays in folder cannot be trusted (truncated, wrong shape, unreadable), or None when they can."""
+    """Why the files in folder cannot be trusted (truncated, wrong shape, unreadable, pickled), or None when they can."""
     expected = {"images.npy": (n, size, size), "sizes.npy": (n, 2), "done.npy": (n,)}
     for name, shape in expected.items():
         if name == "done.npy" and not os.path.isfile(os.path.join(folder, name)):
@@ -161,26 +184,48 @@ def damage(folder, n, size):
             return f"{name}: {type(err).__name__}: {err}"
         if found != shape:
             return f"{name} holds {found}, expected {shape}"
+    if os.path.isfile(os.path.join(folder, "meta.json")):
+        try:  # every array read, as XrayDataset reads it: an object array (a pickle) is refused here
+            with np.load(os.path.join(folder, "targets.npz")) as targets:
+                lengths = {key: len(targets[key]) for key in TARGETS}
+        except Exception as err:
+            return f"targets.npz: {type(err).__name__}: {err}"
+        if any(lengths[key] != n for key in ("local", "abnormal", "frames", "val", "usable", "digests")):
+            return f"targets.npz holds arrays of {sorted(set(lengths.values()))} rows, expected {n}"
     return None
 
 
-def build_cache(source, size=224, cache_root=None, workers=None, verbose=True, create=True):
+def build_cache(source, size=224, cache_root=None, workers=None, verbose=True, create=True, rebuild=False):
     """
     Decodes every image of a layouts.Source once (all cores), squashed to size x size, into <folder>/images.npy (uint8,
     memory-mapped) with targets.npz (labels, boxes, frames, a digest of each image's pixels) and meta.json.
     Re-running after an interrupt continues where it stopped; unreadable files are skipped and listed in
-    skipped.txt; a damaged cache is said and rebuilt. create=False waits for another process's build
-    (NotReady until it is complete). Returns the folder.
+    skipped.txt; a damaged cache is said and rebuilt; rebuild=True decodes every file again. One process builds
+    a cache at a time (a lock beside it); create=False waits for another process's build (NotReady until it is
+    complete). Returns the folder.
     """
-    folder, N = cache_folder(source, size, cache_root), len(source.paths)
-    complete = os.path.isfile(os.path.join(folder, "meta.json"))
-    problem = damage(folder, N, size) if complete or os.path.isfile(os.path.join(folder, "done.npy")) else None
-    if complete and not problem:
+    folder = cache_folder(source, size, cache_root)
+    if not rebuild and os.path.isfile(os.path.join(folder, "meta.json")) and not damage(folder, len(source.paths), size):
         return folder
     if not create:
         raise NotReady(folder)
+    with Lock(os.path.join(folder, ".lock"), f"the cache {folder}"):
+        try:
+            if not rebuild and os.path.isfile(os.path.join(folder, "meta.json")) and not damage(folder, len(source.paths), size):
+                return folder  # built by the process that held the lock
+            return _build(folder, source, size, workers, verbose, rebuild)
+        except OSError as err:  # a full disk, a file size limit: said, and the next run resumes what was written
+            raise DataError(f"cache: cannot write in {folder} ({err.strerror or err}; {free_space(folder)} free); "
+                            "free some space or give --cache-dir on another disk, then run again to resume") from None
+
+
+def _build(folder, source, size, workers, verbose, rebuild):
+    N = len(source.paths)
+    complete = os.path.isfile(os.path.join(folder, "meta.json"))
+    problem = damage(folder, N, size) if complete or os.path.isfile(os.path.join(folder, "done.npy")) else None
     if problem:
         print(f"cache: {folder} is damaged ({problem}); rebuilding it", flush=True)
+    if problem or rebuild:
         for name in ("meta.json", "done.npy"):
             if os.path.isfile(os.path.join(folder, name)):
                 os.remove(os.path.join(folder, name))
@@ -189,6 +234,10 @@ def build_cache(source, size=224, cache_root=None, workers=None, verbose=True, c
     fresh = not os.path.isfile(done_file)
     images = np.lib.format.open_memmap(image_file, mode="w+" if fresh else "r+", dtype=np.uint8, shape=(N, size, size))
     sizes = np.lib.format.open_memmap(sizes_file, mode="w+" if fresh else "r+", dtype=np.int32, shape=(N, 2))
+    if fresh:  # the disk space taken now, not at each page's first write: a full disk is an error here, not a SIGBUS later
+        for path in (image_file, sizes_file):
+            with open(path, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
     done = np.zeros(N, bool) if fresh else np.load(done_file)
     todo = [(n, source.paths[n], size) for n in np.flatnonzero(~done)]
     errors, start, last = {}, time.time(), 0.0
@@ -196,8 +245,9 @@ def build_cache(source, size=224, cache_root=None, workers=None, verbose=True, c
     def save_progress():  # pixels reach the disk before the flags that say they are there
         images.flush()
         sizes.flush()
-        np.save(done_file + ".tmp.npy", done)
-        os.replace(done_file + ".tmp.npy", done_file)
+        tmp = temporary_name(done_file) + ".npy"
+        np.save(tmp, done)
+        os.replace(tmp, done_file)
 
     if verbose and not fresh:
         print(f"cache: resuming {folder}, {int(done.sum())} of {N} images already there")
@@ -225,23 +275,38 @@ def build_cache(source, size=224, cache_root=None, workers=None, verbose=True, c
     digests = np.array([hashlib.sha1(images[n].tobytes()).hexdigest()[:16] if done[n] else "" for n in range(N)])
     frames = np.where(source.frames > 0, source.frames, sizes)  # boxes in the image's own pixels unless told otherwise
     np.savez(os.path.join(folder, "targets.npz"), local=source.local, abnormal=source.abnormal, boxes=source.boxes,
-             frames=frames, val=source.val, usable=done, digests=digests)
+             box_origins=np.array(source.box_origins, str), frames=frames, val=source.val, usable=done, digests=digests)
     meta = dict(version=CACHE_VERSION, source=source.name, split=source.split, size=size, label_names=source.label_names,
                 image_ids=source.image_ids, groups=source.groups, skipped=len(skipped))
-    with open(os.path.join(folder, "meta.json.tmp"), "w") as f:
+    tmp = temporary_name(os.path.join(folder, "meta.json"))
+    with open(tmp, "w") as f:
         json.dump(meta, f)
-    os.replace(os.path.join(folder, "meta.json.tmp"), os.path.join(folder, "meta.json"))  # marks the cache complete
+    os.replace(tmp, os.path.join(folder, "meta.json"))  # marks the cache complete
     return folder
+
+
+def box_problem(box, frame):
+    """Why a box (image, label, x_min, y_min, x_max, y_max in frame pixels) cannot mark a finding on its image of
+    frame (rows, columns), or '' when it can. A corner may lie up to a pixel outside (rounding); then it is clipped."""
+    _, _, x0, y0, x1, y1 = box
+    h, w = frame
+    if x1 <= x0 or y1 <= y0:
+        return f"x {x0:g}..{x1:g}, y {y0:g}..{y1:g} is empty or inverted"
+    if x0 < -1 or y0 < -1 or x1 > w + 1 or y1 > h + 1:
+        return f"x {x0:g}..{x1:g}, y {y0:g}..{y1:g} leaves the image of {w:g} x {h:g} pixels"
+    return ""
 
 
 class XrayDataset(torch.utils.data.Dataset):
     """
     Items from a cache folder: (image (1, S, S) float32 in [0, 1], local targets (L,) float32, abnormal 0/1, index).
     indices picks a subset of the cache rows (for example a validation split); skipped files are never included.
-    boxes(index) gives that image's finding boxes in cache pixels.
+    boxes(index) gives that image's finding boxes in cache pixels; a box that leaves its image or is empty is left
+    out, and bad_boxes names each one (file, line, why).
     """
 
     def __init__(self, folder, indices=None):
+        self.folder = folder
         with open(os.path.join(folder, "meta.json")) as f:
             self.meta = json.load(f)
         if self.meta.get("version") != CACHE_VERSION:
@@ -251,11 +316,14 @@ class XrayDataset(torch.utils.data.Dataset):
             raise DataError(f"{folder}: damaged cache ({problem}); delete the folder and run train.py to rebuild it")
         self.label_names, self.image_ids, self.groups = self.meta["label_names"], self.meta["image_ids"], self.meta["groups"]
         targets = np.load(os.path.join(folder, "targets.npz"))
-        self.local, self.abnormal, self._boxes = targets["local"], targets["abnormal"], targets["boxes"]
-        self.frames, self.val, self.digests = targets["frames"], targets["val"], targets["digests"]
+        self.local, self.abnormal, self.frames = targets["local"], targets["abnormal"], targets["frames"]
+        self.val, self.digests, usable = targets["val"], targets["digests"], targets["usable"]
         self.images = np.load(os.path.join(folder, "images.npy"), mmap_mode="r")
-        usable = targets["usable"]
         self.indices = np.flatnonzero(usable) if indices is None else np.asarray([i for i in indices if usable[i]], np.int64)
+        boxes, origins = targets["boxes"], targets["box_origins"]
+        problems = [box_problem(b, self.frames[int(b[0])]) if usable[int(b[0])] else "" for b in boxes]
+        self.bad_boxes = [f"{origin}: {why}" for origin, why in zip(origins, problems) if why]
+        self._boxes = boxes[[not why for why in problems]].reshape(-1, 6)
 
     def __len__(self):
         return len(self.indices)

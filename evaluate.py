@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 import data
 import layouts
 from mlcak import mlcak_map, model_input, simulate_low_resolution
-from vit import CheckpointError, load_checkpoint
+from runtime import CheckpointError, Parser, load_checkpoint, pick_device, writable
 
 
 def auroc_rows(y_true, y_score, weights=None):
@@ -105,7 +105,10 @@ def bootstrap(predictions, n_boot=1000, seed=0):
 
 
 def interval(samples):
-    """The 95% percentile interval of bootstrap samples, as [low, high]."""
+    """The 95% percentile interval of bootstrap samples, as [low, high]; NaN where no resample defines the score."""
+    samples = np.asarray(samples, np.float64)
+    if not np.isfinite(samples).any():
+        return [math.nan, math.nan]
     low, high = np.nanpercentile(samples, [2.5, 97.5])
     return [float(low), float(high)]
 
@@ -117,13 +120,36 @@ def paired_difference(point_a, point_b, samples_a, samples_b):
 
 
 def p_value(d):
-    """Two-sided bootstrap p-value of resampled differences d: twice the share on the smaller side of 0."""
+    """
+    Two-sided bootstrap p-value of resampled differences d: twice the share of resamples on the smaller side of 0
+    (NaN where no resample defines the difference). It is how surprising a difference this far from 0 would be if
+    the resampled units (test images; seeds too when pooled) were all the noise there is; it is not the chance
+    that the difference is 0, nor that it would repeat on other data.
+    """
+    d = np.asarray(d, np.float64)
+    d = d[np.isfinite(d)]
+    if not len(d):
+        return math.nan
     return float(min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0))))
 
 
 def p_text(p, resamples):
-    """'p = 0.034', or 'p < 0.002' when no resample crossed 0 (the bootstrap cannot say more)."""
+    """'p = 0.034', 'p < 0.002' when no resample crossed 0 (the bootstrap cannot say more), or 'p n/a'."""
+    if math.isnan(p):
+        return "p n/a"
     return f"p < {2 / resamples:.3f}" if p == 0 else f"p = {p:.3f}"
+
+
+def number(value, signed=False):
+    """A score as the tables print it: 0.736 (+0.015 with signed), or n/a where it is undefined."""
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def span(ci, signed=False):
+    """An interval as the tables print it: [0.709, 0.761], or n/a."""
+    return "n/a" if math.isnan(ci[0]) else f"[{number(ci[0], signed)}, {number(ci[1], signed)}]"
 
 
 @torch.no_grad()
@@ -150,7 +176,8 @@ def metrics(local, abnormal, y_local, y_abnormal, label_names):
     defined = [m["auroc"] for m in per_label.values() if not math.isnan(m["auroc"])]
     return dict(per_label=per_label, mean_local_auroc=float(np.mean(defined)) if defined else float("nan"),
                 labels_defined=len(defined), labels_total=len(label_names),
-                normal_abnormal_auroc=auroc(y_abnormal, abnormal), n_images=int(len(y_abnormal)))
+                normal_abnormal_auroc=auroc(y_abnormal, abnormal), n_images=int(len(y_abnormal)),
+                n_abnormal=int(np.sum(y_abnormal)))
 
 
 # ------------------------------------------------------------------------------------- attention as explanation
@@ -297,6 +324,9 @@ def evaluate_checkpoints(paths, dataset, device="cpu", n_boot=1000, pairs=None, 
     results = []
     for path in paths:
         model, ckpt = load_checkpoint(path, device)
+        if ckpt["vit_config"]["img_size"] != dataset.meta["size"]:
+            raise data.DataError(f"{path}: sees {ckpt['vit_config']['img_size']} px images, the test set was decoded at "
+                                 f"{dataset.meta['size']} px (for {paths[0]}); evaluate checkpoints of one --img-size together")
         if dataset.label_names != ckpt["label_names"]:
             first = next((k for k, (a, b) in enumerate(zip(ckpt["label_names"], dataset.label_names)) if a != b), None)
             where = (f"label {first + 1} is '{ckpt['label_names'][first]}', the test set's '{dataset.label_names[first]}'"
@@ -366,26 +396,30 @@ def format_table(results):
 
     lines = [f"{'label':<22}{'pos/neg':>10}" + "".join(f"{r['name']:>{width}}" for r in results)]
     for name, m in first.items():
-        cells = ["n/a" if math.isnan(r["per_label"][name]["auroc"]) else f"{r['per_label'][name]['auroc']:.3f}"
-                 for r in results]
+        cells = [number(r["per_label"][name]["auroc"]) for r in results]
         lines.append(f"{name[:22]:<22}{m['positives']:>5}/{m['negatives']:<4}" + "".join(f"{c:>{width}}" for c in cells))
     lines.append(row(f"mean local AUROC ({results[0]['labels_defined']}/{results[0]['labels_total']} labels)",
-                     [f"{r['mean_local_auroc']:.3f}" for r in results]))
+                     [number(r["mean_local_auroc"]) for r in results]))
     groups = [k for k in results[0].get("scores", {}) if k not in ("mean local", "normal/abnormal", "attention in box", "pointing game")]
-    lines += [row(f"  {g} findings", [f"{r['scores'][g]:.3f}" for r in results]) for g in groups]
-    lines.append(row("normal/abnormal AUROC", [f"{r['normal_abnormal_auroc']:.3f}" for r in results]))
+    lines += [row(f"  {g} findings", [number(r["scores"][g]) for r in results]) for g in groups]
+    lines.append(row("normal/abnormal AUROC", [number(r["normal_abnormal_auroc"]) for r in results]))
     if "intervals" in results[0]:
         for key, label in (("mean local", "  95% interval, mean local"), ("normal/abnormal", "  95% interval, normal/abn.")):
-            lines.append(row(label, ["[%.3f, %.3f]" % tuple(r["intervals"][key]) for r in results]))
+            lines.append(row(label, [span(r["intervals"][key]) for r in results]))
     if results[0].get("localization"):
         for key in ("attention in box", "pointing game"):
-            lines.append(row(key, [f"{r['scores'][key]:.3f}" for r in results]))
-        lines.append(row("  (uniform map: chance)", [f"{results[0]['localization']['chance']:.3f}"]))
+            lines.append(row(key, [number(r["scores"][key]) for r in results]))
+        lines.append(row("  (uniform map: chance)", [number(results[0]["localization"]["chance"])]))
+    if math.isnan(results[0]["normal_abnormal_auroc"]):
+        kind = "abnormal" if results[0]["n_abnormal"] == results[0]["n_images"] else "normal"
+        lines.append(f"normal/abnormal AUROC is n/a: all {results[0]['n_images']} test images are {kind}, so there "
+                     "is no normal-abnormal pair to rank")
     for r in results:
         for d in r.get("differences", []):
             m = d["mean local"]
-            lines.append(f"{r['name']} - {d['against']}: mean local AUROC {m['difference']:+.3f} "
-                         f"[{m['ci'][0]:+.3f}, {m['ci'][1]:+.3f}], {p_text(m['p_value'], m['resamples'])}")
+            lines.append(f"{r['name']} - {d['against']}: mean local AUROC {number(m['difference'], True)} "
+                         f"{span(m['ci'], True)}, {p_text(m['p_value'], m['resamples'])} (two-sided, paired bootstrap "
+                         f"over the {r['n_images']} test images)")
     return "\n".join(lines)
 
 
@@ -393,8 +427,7 @@ def markdown_table(results):
     """The paper's resolution table: a row per checkpoint, AUROC with intervals, localization, mlcak - baseline."""
 
     def fmt(r, key):  # a score, with its interval where there is one
-        interval = " [%.3f, %.3f]" % tuple(r["intervals"][key]) if "intervals" in r else ""
-        return f"{r['scores'][key]:.3f}" + interval
+        return number(r["scores"][key]) + (" " + span(r["intervals"][key]) if "intervals" in r else "")
 
     boxes = results[0].get("localization") is not None  # without boxes, no localization columns
     header = ["model", "mean local AUROC [95% CI]", "normal/abnormal AUROC [95% CI]"]
@@ -402,11 +435,11 @@ def markdown_table(results):
     header += ["difference in mean local AUROC [95% CI], p"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        diff = "; ".join(f"{r['name'].split('@')[0]} - {d['against'].split('@')[0]}: {d['mean local']['difference']:+.3f} "
-                         f"[{d['mean local']['ci'][0]:+.3f}, {d['mean local']['ci'][1]:+.3f}], "
+        diff = "; ".join(f"{r['name'].split('@')[0]} - {d['against'].split('@')[0]}: "
+                         f"{number(d['mean local']['difference'], True)} {span(d['mean local']['ci'], True)}, "
                          f"{p_text(d['mean local']['p_value'], d['mean local']['resamples'])}" for d in r.get("differences", []))
         cells = [r["name"], fmt(r, "mean local"), fmt(r, "normal/abnormal")]
-        cells += [f"{r['scores'][k]:.3f}" for k in ("attention in box", "pointing game")] if boxes else []
+        cells += [number(r["scores"][k]) for k in ("attention in box", "pointing game")] if boxes else []
         lines.append("| " + " | ".join(cells + [diff]) + " |")
     if boxes:
         chance = results[0]["localization"]["chance"]
@@ -414,26 +447,30 @@ def markdown_table(results):
     return "\n".join(lines)
 
 
-def hierarchical(samples, rng, n_boot):
+def hierarchical(samples, rng):
     """
-    A hierarchical bootstrap over seeds and images: samples (S, R) holds each seed's R image resamples of a score
-    (or of a paired difference). Each of n_boot draws takes S seeds with replacement and, for each, one of its image
-    resamples, and averages them. Returns (n_boot,).
+    A hierarchical bootstrap over seeds and test images, for seeds scored on one shared test set: samples (S, R)
+    holds S seeds' scores (or paired differences) under R resamples of the test images, column r the same resample
+    of the same images for every seed and every model. Draw r takes S seeds with replacement and averages their
+    values under image resample r: one image resample serves all seeds of a draw, as they all saw those images
+    (resampling the images anew for each seed would treat one test set as S independent ones and shrink the
+    image-level uncertainty by sqrt(S)). Returns (R,).
     """
-    seeds = rng.integers(0, samples.shape[0], (n_boot, samples.shape[0]))
-    images = rng.integers(0, samples.shape[1], (n_boot, samples.shape[0]))
-    return nanmean(samples[seeds, images], 1)
+    S, R = samples.shape
+    seeds = rng.integers(0, S, (R, S))  # (R, S): the seeds of each draw
+    return nanmean(samples[seeds, np.arange(R)[:, None]], 1)  # (R, S) -> (R,)
 
 
-def seed_report(results, n_boot=1000, seed=0):
+def seed_report(results, seed=0):
     """
     Markdown tables over seeds, from evaluate_checkpoints of several seeds' checkpoints on one test set (with
-    n_boot > 0): per model (role@res), each score's mean, sd and range over the seeds, and its mean with a 95%
-    interval from a hierarchical bootstrap (seeds, then test images); per seed, mlcak - baseline at each resolution
-    with its paired bootstrap interval over the test images; pooled over seeds, the mean difference with its
-    hierarchical interval and two-sided p-value.
+    bootstrap resamples): per model (role@res), each score's mean, sd and range over the seeds, and its mean with a
+    95% interval from a hierarchical bootstrap (seeds, and the shared test images); per seed, mlcak - baseline at
+    each resolution with its paired bootstrap interval over the test images; pooled over seeds, the mean difference
+    with its hierarchical interval and two-sided bootstrap p-value.
     """
     keys, rng = list(results[0]["scores"]), np.random.default_rng(seed)
+    n_images, resamples = results[0]["n_images"], len(results[0]["_samples"]["mean local"])
 
     def order(r):  # teacher, baseline, mlcak; high resolution first
         role, res = r["name"].split("@")
@@ -445,17 +482,22 @@ def seed_report(results, n_boot=1000, seed=0):
 
     models = {}
     for r in sorted(results, key=order):
-        models.setdefault(r["name"], {})[r["seed"]] = r
+        if r["seed"] in models.setdefault(r["name"], {}):
+            raise data.DataError(f"--seeds: {models[r['name']][r['seed']]['checkpoint']} and {r['checkpoint']} are both "
+                                 f"{r['name']} of seed {r['seed']}; give each seed's run once")
+        models[r["name"]][r["seed"]] = r
     header = ["| model | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
-    lines = [f"Mean +- sd (range) over seeds; {len(results[0]['per_label'])} local labels.", ""] + header
+    lines = [f"{n_images} test images, {resamples} bootstrap resamples; {len(results[0]['per_label'])} local labels.", "",
+             "Mean +- sd (range) over seeds:", ""] + header
     for name, by_seed in models.items():
         lines.append(f"| {name} | {len(by_seed)} | " + " | ".join(spread([r["scores"][k] for r in by_seed.values()]) for k in keys) + " |")
-    lines += ["", "Mean over seeds [95% interval, hierarchical bootstrap: seeds, then test images]:", ""] + header
+    lines += ["", "Mean over seeds [95% interval, hierarchical bootstrap: seeds with replacement, and one resample of "
+              "the test images shared by all seeds in each draw]:", ""] + header
     for name, by_seed in models.items():
         cells = []
         for k in keys:
-            low, high = interval(hierarchical(np.stack([r["_samples"][k] for r in by_seed.values()]), rng, n_boot))
-            cells.append(f"{np.mean([r['scores'][k] for r in by_seed.values()]):.3f} [{low:.3f}, {high:.3f}]")
+            ci = interval(hierarchical(np.stack([r["_samples"][k] for r in by_seed.values()]), rng))
+            cells.append(f"{number(np.mean([r['scores'][k] for r in by_seed.values()]))} {span(ci)}")
         lines.append(f"| {name} | {len(by_seed)} | " + " | ".join(cells) + " |")
     for name in models:
         res = name.split("@")[1]
@@ -463,19 +505,18 @@ def seed_report(results, n_boot=1000, seed=0):
             continue
         mlcak, baseline = models[name], models[f"baseline@{res}"]
         seeds = sorted(set(mlcak) & set(baseline))
-        lines += ["", f"{name} - baseline@{res}, per seed [paired bootstrap over test images], and pooled [hierarchical "
-                  "bootstrap: seeds, then images] with its two-sided p-value:", "",
-                  "| seed | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        lines += ["", f"{name} - baseline@{res}: per seed [95% interval, paired bootstrap over the test images], and "
+                  f"pooled over the {len(seeds)} seeds [95% interval, hierarchical bootstrap as above] with its two-sided "
+                  "bootstrap p-value:", "", "| seed | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         for s in seeds:
             cells = [paired_difference(baseline[s]["scores"][k], mlcak[s]["scores"][k], baseline[s]["_samples"][k],
                                        mlcak[s]["_samples"][k]) for k in keys]
-            lines.append(f"| {s} | " + " | ".join(f"{d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" for d in cells) + " |")
+            lines.append(f"| {s} | " + " | ".join(f"{number(d['difference'], True)} {span(d['ci'], True)}" for d in cells) + " |")
         cells = []
         for k in keys:
             points = [mlcak[s]["scores"][k] - baseline[s]["scores"][k] for s in seeds]
-            d = hierarchical(np.stack([mlcak[s]["_samples"][k] - baseline[s]["_samples"][k] for s in seeds]), rng, n_boot)
-            low, high = interval(d)
-            cells.append(f"**{np.mean(points):+.3f}** [{low:+.3f}, {high:+.3f}], {p_text(p_value(d), n_boot)}")
+            d = hierarchical(np.stack([mlcak[s]["_samples"][k] - baseline[s]["_samples"][k] for s in seeds]), rng)
+            cells.append(f"**{number(np.mean(points), True)}** {span(interval(d), True)}, {p_text(p_value(d), len(d))}")
         lines.append("| pooled | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -493,7 +534,6 @@ def test_dataset(ckpt, data_path=None, cache_dir=None):
 
 
 def main(argv=None):
-    from train import Parser, pick_device, writable  # command-line helpers, in train.py (which imports this file)
     parser = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoints written by train.py")
     parser.add_argument("--data", help="dataset folder or CSV to test on (default: the one the first checkpoint names)")
@@ -534,7 +574,7 @@ def main(argv=None):
     if args.maps:
         print(f"wrote {count} figures and overview.png to {args.maps}")
     if args.seeds:
-        print("\n" + seed_report(results, args.bootstrap, args.seed))
+        print("\n" + seed_report(results, args.seed))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ Where a layout has no test split, it is drawn by a hash of the patient (or image
 import csv
 import glob
 import hashlib
+import io
 import math
 import os
 import re
@@ -42,7 +43,8 @@ CHEXPERT_LABELS = ["Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity",
                    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
                    "Fracture", "Support Devices"]  # with 'No Finding', CheXpert's 14 observations
 NORMAL_NAMES = {"normal", "no finding", "no_finding", "nofinding", "negative"}  # class folders of the normal class
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+# what every layout reads as an image (data.read_image); a layout that finds files by name takes these
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm", ".dicom")
 
 
 class DataError(Exception):
@@ -66,6 +68,7 @@ class Source:
     local: np.ndarray     # (N, L) uint8, the local (MLCT) targets
     abnormal: np.ndarray  # (N,) uint8, the global (MCCT) target: 0 normal, 1 abnormal
     boxes: np.ndarray     # (M, 6) float32: image index, label index, x_min, y_min, x_max, y_max, in frame pixels
+    box_origins: list     # (M,) where each box was read: 'file, line N'
     frames: np.ndarray    # (N, 2) rows and columns of the pixels the boxes are given in; 0 = the image's own size
     groups: list          # patient ids where known, else image ids: what a split never cuts through
     val: np.ndarray       # (N,) bool: the layout's own validation images (a val/ folder, split=val)
@@ -79,7 +82,7 @@ Row = namedtuple("Row", "image_id path local abnormal split group")
 @dataclass
 class Table:
     """What every layout reader returns: the Rows of all splits, and boxes (image_id, label name, x_min, y_min,
-    x_max, y_max) in the pixels of the original image (or of its frame, see frames)."""
+    x_max, y_max, 'file, line N') in the pixels of the original image (or of its frame, see frames)."""
     name: str
     label_names: list
     rows: list = field(default_factory=list)
@@ -91,14 +94,32 @@ class Table:
 
 
 def read_csv(path, required=()):
-    """(header, rows as dicts); the header read from the file itself (a UTF-8 byte-order mark is fine)."""
+    """
+    (header, rows as dicts), read as spreadsheets save CSV files: UTF-8 (a byte-order mark is fine) or UTF-16 (it
+    has one), separated by commas, or by semicolons or tabs where the header holds those and no comma. A header
+    that names a column twice, or a file in another encoding, is a DataError naming it.
+    """
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, restval="")  # a short row's missing cells are blank, checked like any other
-        header = [c.strip() for c in reader.fieldnames or []]
-        reader.fieldnames = header
-        rows = list(reader)
+    with open(path, "rb") as f:
+        raw = f.read()
+    encoding = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 (byte 0x{raw[err.start]:02x}; Windows-1252 or Latin-1, as older "
+                        "spreadsheets save?); save it as CSV UTF-8") from None
+    first = text.split("\n", 1)[0]
+    delimiter = next((d for d in (";", "\t") if d in first and "," not in first), ",")
+    reader = csv.DictReader(io.StringIO(text, newline=""), restval="", delimiter=delimiter)  # a short row's missing cells: blank
+    header = [c.strip() for c in reader.fieldnames or []]
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if repeated:
+        raise DataError(f"{path}: the header names column '{repeated[0]}' {header.count(repeated[0])} times; each column "
+                        "once (a repeated label would keep only its last column)")
+    reader.fieldnames = header
+    rows = list(reader)
     for column in required:
         if column not in header:
             raise DataError(f"{path}: missing column '{column}'")
@@ -139,9 +160,10 @@ def number(value, path, line, column):
 
 
 def box_rows(path, rows, id_column="image_id", label_column="class_name"):
-    """(image_id, label, x_min, y_min, x_max, y_max) of the rows that have a box (a 'No finding' row has none)."""
+    """(image_id, label, x_min, y_min, x_max, y_max, origin) of the rows that have a box (a 'No finding' row has
+    none); origin is 'file, line N', so that a box that leaves its image can be named."""
     corners = ("x_min", "y_min", "x_max", "y_max")
-    return [(r[id_column], r[label_column], *(number(r[c], path, line, c) for c in corners))
+    return [(r[id_column], r[label_column], *(number(r[c], path, line, c) for c in corners), f"{path}, line {line}")
             for line, r in enumerate(rows, 2) if r[corners[0]].strip()]
 
 
@@ -237,7 +259,8 @@ def read_nih(root, **_):
             for line, r in enumerate(list(csv.reader(f))[1:], 2):
                 if len(r) >= 6 and r[2].strip():
                     x, y, w, h = (number(v, bbox, line, name) for v, name in zip(r[2:6], ("x", "y", "w", "h")))
-                    table.boxes.append((r[0], {"Infiltrate": "Infiltration"}.get(r[1], r[1]), x, y, x + w, y + h))
+                    table.boxes.append((r[0], {"Infiltrate": "Infiltration"}.get(r[1], r[1]), x, y, x + w, y + h,
+                                        f"{bbox}, line {line}"))
     return table
 
 
@@ -264,10 +287,13 @@ def read_chexpert(root, uncertain="zeros", views="frontal", **_):
 
 
 def read_class_folders(root, **_):
-    """torchvision's ImageFolder layout: one class per folder, with or without train/val/test folders above."""
+    """torchvision's ImageFolder layout: one class per folder, with or without train/val/test folders above.
+    Names that start with a dot (.ipynb_checkpoints/, .DS_Store) are hidden: never a class, never an image."""
     split_dirs = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s))]
     bases = [(os.path.join(root, s), s) for s in split_dirs] or [(root, None)]
-    classes = sorted({c for base, _ in bases for c in os.listdir(base) if os.path.isdir(os.path.join(base, c))})
+    hidden = [os.path.join(base, c) for base, _ in bases for c in os.listdir(base) if c.startswith(".")]
+    classes = sorted({c for base, _ in bases for c in os.listdir(base)
+                      if os.path.isdir(os.path.join(base, c)) and not c.startswith(".")})
     normal = [c for c in classes if c.lower().strip() in NORMAL_NAMES]
     table = Table("folders", [c for c in classes if c not in normal])
     if not table.label_names:
@@ -277,6 +303,9 @@ def read_class_folders(root, **_):
         for c in classes:
             folder = os.path.join(base, c)
             for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+                if name.startswith("."):
+                    hidden.append(os.path.join(folder, name))
+                    continue
                 if not name.lower().endswith(IMAGE_EXTENSIONS):
                     ignored.append(os.path.join(folder, name))
                     continue
@@ -284,6 +313,7 @@ def read_class_folders(root, **_):
                 table.rows.append(Row(image_id, os.path.join(folder, name), [int(c == k) for k in table.label_names],
                                    int(c not in normal), split, image_id))
     table.notes.append(f"class folders: {', '.join(normal) or 'none'} normal; local labels {', '.join(table.label_names)}"
+                       + (f"; {len(hidden)} hidden files and folders ignored, e.g. {hidden[0]}" if hidden else "")
                        + (f"; {len(ignored)} files that are not images ignored, e.g. {ignored[0]}" if ignored else ""))
     return table
 
@@ -295,7 +325,7 @@ def read_csv_layout(path, uncertain="zeros", boxes=None, **_):
     table = Table("csv", [c for c in header if c not in special and c])
     if not table.label_names:
         raise DataError(f"{path}: no label columns (every column but path, split, image_id, patient_id and 'No finding' is a label)")
-    base = os.path.dirname(os.path.abspath(path))
+    base, outside = os.path.dirname(os.path.abspath(path)), []
     for line, r in enumerate(rows, 2):
         split = r.get("split", "").strip() or None
         if split not in (None, "train", "val", "test"):
@@ -305,7 +335,13 @@ def read_csv_layout(path, uncertain="zeros", boxes=None, **_):
         if not r["path"].strip():
             raise DataError(f"{path}, line {line}: column 'path' is empty")
         image_id = r.get("image_id") or r["path"]
-        table.rows.append(Row(image_id, os.path.join(base, r["path"]), local, abnormal, split, r.get("patient_id") or image_id))
+        file = os.path.normpath(os.path.join(base, r["path"]))
+        if os.path.isabs(r["path"]) or os.path.relpath(file, base).split(os.sep)[0] == os.pardir:
+            outside.append(r["path"])
+        table.rows.append(Row(image_id, file, local, abnormal, split, r.get("patient_id") or image_id))
+    if outside:  # allowed (a set may point at images it shares with another), but never unsaid
+        table.notes.append(f"{len(outside)} paths in {path} lie outside its folder (absolute, or climbing out with ..), "
+                           f"e.g. {outside[0]}")
     boxes = boxes or os.path.join(base, "boxes.csv")
     if os.path.isfile(boxes):
         box_header, box_table = read_csv(boxes, ["label", "x_min", "y_min", "x_max", "y_max"])
@@ -365,10 +401,11 @@ def load_sources(path, readers="majority", uncertain="zeros", views="frontal", b
         mine = [b for b in table.boxes if b[0] in index]
         other = sorted({b[1] for b in mine} - set(label_index) - {"No finding"})
         notes = [f"{split}: boxes of {len(other)} class(es) outside the label set not used: {', '.join(other)}"] if other else []
-        boxes = [(index[b[0]], label_index[b[1]], *b[2:]) for b in mine if b[1] in label_index]
+        boxes = [(index[b[0]], label_index[b[1]], *b[2:6]) for b in mine if b[1] in label_index]
+        origins = [b[6] for b in mine if b[1] in label_index]
         frames = np.array([table.frames.get(r.image_id, (0, 0)) for r in rows], np.float32).reshape(-1, 2)
         sources[split] = Source(table.name, split, [r.image_id for r in rows], [r.path for r in rows], table.label_names,
-                                local, abnormal, np.array(boxes, np.float32).reshape(-1, 6), frames,
+                                local, abnormal, np.array(boxes, np.float32).reshape(-1, 6), origins, frames,
                                 [r.group for r in rows], np.array([r.split == "val" for r in rows]), notes)
     sources["train"].notes = table.notes + sources["train"].notes  # the layout's notes, said once
     return sources

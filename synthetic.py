@@ -3,7 +3,8 @@ The synthetic default: chest radiograph-like phantoms with 22 findings, written 
 image_labels_*.csv, annotations_*.csv, three readers per training image), so that a fresh clone trains, and tests
 itself, without credentialed data. layouts.py reads the result like the real dataset; it never imports this file.
 
-    python synthetic.py data/synthetic        # what train.py does on first use when no --data is given
+    python synthetic.py data/synthetic                        # what train.py does on first use without --data
+    python synthetic.py data/synthetic-5000 --n-test 5000     # the same training images, 5,000 test images
 
 The 22 findings come in three tiers: coarse ones stay visible at 28 x 28, fine ones (a few pixels wide, with zero
 local mean) only at high resolution, and subtle ones are attenuated at 28 x 28 but not gone. So a low-resolution
@@ -24,6 +25,7 @@ from PIL import Image
 
 from data import NotReady, progress_line
 from layouts import GLOBAL_LABELS, LOCAL_LABELS
+from runtime import Lock
 
 VERSION = 2  # of the generator: a change of drawing makes a new set
 
@@ -266,12 +268,26 @@ def make_synthetic(root, n_train=1000, n_test=300, seed=0, workers=None, verbose
     """
     settings = dict(n_train=n_train, n_test=n_test, seed=seed, version=VERSION)
     marker = os.path.join(root, "synthetic.json")
-    if os.path.isfile(marker):
-        with open(marker) as f:
-            if json.load(f) == settings:
-                return root
+
+    def complete():
+        if os.path.isfile(marker):
+            with open(marker) as f:
+                return json.load(f) == settings
+        return False
+
+    if complete():
+        return root
     if not create:
         raise NotReady(root)
+    with Lock(root.rstrip(os.sep) + ".lock", f"the synthetic set {root}"):  # two runs started at once: one writes it
+        if not complete():
+            _write(root, n_train, n_test, seed, workers, verbose)
+            with open(marker, "w") as f:
+                json.dump(settings, f)
+    return root
+
+
+def _write(root, n_train, n_test, seed, workers, verbose):
     for sub in ("train", "test", "annotations"):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
     weights = np.ones(len(LOCAL_LABELS))  # every finding equally likely: each label has positives to learn from
@@ -304,11 +320,15 @@ def make_synthetic(root, n_train=1000, n_test=300, seed=0, workers=None, verbose
     with open(os.path.join(root, "label_groups.json"), "w") as f:  # evaluate.py reports a mean AUROC for each tier
         json.dump({name: [k for k in LOCAL_LABELS if k in tier] for name, tier in (("coarse", COARSE), ("subtle", SUBTLE),
                                                                                     ("fine", FINE))}, f, indent=1)
-    with open(marker, "w") as f:
-        json.dump(settings, f)
-    return root
 
 
 if __name__ == "__main__":
-    import sys
-    print(make_synthetic(sys.argv[1] if len(sys.argv) > 1 else os.path.join("data", "synthetic")))
+    import argparse
+    p = argparse.ArgumentParser(description="Write the synthetic VinDr-CXR-style set.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("root", nargs="?", default=os.path.join("data", "synthetic"), help="folder to write")
+    p.add_argument("--n-train", type=int, default=1000, help="training images (three readers each)")
+    p.add_argument("--n-test", type=int, default=300, help="test images; the training images do not depend on it")
+    p.add_argument("--seed", type=int, default=0, help="seed of the whole set")
+    args = p.parse_args()
+    print(make_synthetic(args.root, args.n_train, args.n_test, args.seed))

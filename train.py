@@ -22,6 +22,7 @@ mean local AUROC) and last.pt: plain dicts of tensors and values, loadable with 
 """
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
@@ -41,8 +42,9 @@ import synthetic
 from evaluate import (evaluate_checkpoints, format_table, label_groups, markdown_table, metrics, pick_rows, predict,
                       write_figures)
 from mlcak import joint_loss, model_input, teacher_targets
-from vit import (CHECKPOINT_NORMS, VARIANTS, CheckpointError, ViTConfig, VisionTransformer, adapt_timm_state_dict,
-                 load_checkpoint, load_weights, read_checkpoint, save_checkpoint)
+from runtime import (CheckpointError, Lock, Parser, first_line, load_checkpoint, load_weights, pick_device, read_checkpoint,
+                     run_cli, save_checkpoint, writable)
+from vit import CHECKPOINT_NORMS, VARIANTS, ViTConfig, VisionTransformer, adapt_timm_state_dict
 
 NORM = (0.5, 0.25)  # input normalization, (x - mean) / std, saved with every checkpoint
 
@@ -61,10 +63,10 @@ def main(argv=None):
         train_set, val_set, test_set, info = prepare_data(args, ddp, clock)  # before the process group: see Ddp
         ddp.start(args.out)
         cfg = ViTConfig(img_size=args.img_size, num_local=len(train_set.label_names), **VARIANTS[args.model])
-        folders = RunFolders(args, info)
+        folders = RunFolders(args, info, ddp.device)
 
         def fit(role, run_dir, res, teacher=None):
-            train_or_reuse(role, run_dir, cfg, train_set, val_set, res, args, ddp, info, clock, teacher)
+            train_or_reuse(role, run_dir, cfg, train_set, val_set, res, args, ddp, info, clock, folders, teacher)
 
         # Stage 1: the teacher sees the full-resolution image and learns from the labels alone
         teacher = None
@@ -143,7 +145,12 @@ class Clock:
 
 
 def check_teacher(ckpt, path, cfg, label_names):
-    """A teacher must predict the same labels and give MLCAK maps of the same size as the student's."""
+    """A teacher is a model trained as one, on the full-resolution image; it must predict the same labels and give
+    MLCAK maps of the same size as the student's."""
+    role, res, size = ckpt.get("role"), ckpt.get("res"), ckpt["vit_config"]["img_size"]
+    if role != "teacher" or res != size:
+        raise TrainingError(f"--teacher {path}: a {role} model that sees {res} px images, not a teacher (which sees "
+                            f"--img-size {cfg.img_size}); give a teacher-{cfg.img_size}-*/best.pt")
     if ckpt["label_names"] != label_names:
         first = next((n for n, (a, b) in enumerate(zip(ckpt["label_names"], label_names)) if a != b), None)
         where = (f"label {first + 1} is '{ckpt['label_names'][first]}', here '{label_names[first]}'" if first is not None
@@ -159,11 +166,20 @@ def check_teacher(ckpt, path, cfg, label_names):
 
 # -------------------------------------------------------------------------------------------------- training
 
-def train_or_reuse(role, run_dir, cfg, train_set, val_set, res, args, ddp, info, clock, teacher=None):
-    """Trains one model into run_dir, unless a finished run of the same settings is already there."""
-    if finished(run_dir, args.epochs):
-        say(ddp, f"{role}@{res}: reusing {run_dir}")
-    else:
+def train_or_reuse(role, run_dir, cfg, train_set, val_set, res, args, ddp, info, clock, folders, teacher=None):
+    """Trains one model into run_dir, unless a finished run of the same settings is already there. One process trains
+    a run folder at a time: a second one started on it waits, then reuses what the first finished."""
+    with contextlib.ExitStack() as stack:
+        if ddp.master:
+            stack.enter_context(Lock(os.path.join(run_dir, ".lock"), f"the run {run_dir}"))
+        if finished(run_dir, args.epochs):
+            say(ddp, f"{role}@{res}: reusing {run_dir}")
+            return
+        if args.resume and not os.path.isfile(os.path.join(run_dir, "last.pt")):
+            others = folders.interrupted(role, res, run_dir)
+            say(ddp, f"{role}@{res}: --resume: no interrupted run of these settings ({run_dir}), so it starts from the "
+                     "beginning" + (f"; interrupted runs of this data under other settings: {'; '.join(others)}" if others
+                                    else ""))
         start = time.time()
         images, _ = train(role, initial_model(cfg, args, ddp), run_dir, train_set, val_set, res, args, ddp, info, teacher)
         clock.add(f"{role}@{res}", time.time() - start, images)
@@ -184,13 +200,15 @@ def initial_model(cfg, args, ddp):
     if args.init:
         state = load_weights(args.init)
         state = state.get("model", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise TrainingError(f"--init {args.init}: not a state_dict (a dict of tensors, or a dict with one under 'model')")
         try:
             state, report = adapt_timm_state_dict(state, model, args.init_norm, NORM)
-        except (ValueError, AttributeError) as err:  # not a ViT state_dict of this width
-            raise data.DataError(f"--init {args.init}: {err if isinstance(err, ValueError) else 'not a state_dict'}") from None
-        model.load_state_dict(state, strict=False)
+            model.load_state_dict(state, strict=False)
+        except Exception as err:  # not a ViT of this width; whatever else, one line and never a traceback
+            raise TrainingError(f"--init {args.init}: {err if isinstance(err, ValueError) else first_line(err)}") from None
         say(ddp, f"init: {args.init}: {len(report['loaded'])} tensors loaded, converted {report['converted']}, "
-                 f"skipped {report['skipped']}, heads new")
+                 f"dropped {report['dropped']}, heads new")
     return model.to(ddp.device)
 
 
@@ -376,8 +394,8 @@ def read_data(args, ddp, clock, create):
     clock.add("data", time.time() - start)
     sources = layouts.load_sources(path, args.readers, args.uncertain, args.views, args.boxes)
     start = time.time()
-    caches = {split: data.build_cache(s, args.img_size, args.cache_dir, verbose=ddp.master, create=create)
-              for split, s in sources.items()}
+    caches = {split: data.build_cache(s, args.img_size, args.cache_dir, verbose=ddp.master, create=create,
+                                      rebuild=args.rebuild_cache) for split, s in sources.items()}
     clock.add("cache", time.time() - start)
     train_all, test_set = data.XrayDataset(caches["train"]), data.XrayDataset(caches["test"])
     val_rows = data.validation_rows(train_all, args.val_fraction)
@@ -396,6 +414,13 @@ def read_data(args, ddp, clock, create):
         if missing:
             consequence = "their AUROC is n/a" if name == "test" else "the model cannot learn them"
             notes.append(f"{name} has no positive case of {len(missing)} label(s): {', '.join(missing)}; {consequence}")
+        abnormal = int(ds.abnormal[ds.indices].sum())
+        if abnormal in (0, len(ds)):
+            notes.append(f"{name}: all {len(ds)} images are {'abnormal' if abnormal else 'normal'}: normal/abnormal "
+                         f"{'AUROC is n/a' if name == 'test' else 'cannot be learnt'}")
+        if ds.bad_boxes:
+            notes.append(f"{name}: {len(ds.bad_boxes)} boxes are empty or leave their image and are not used (the "
+                         f"localization never counts them); first: {ds.bad_boxes[0]}")
     for note in notes + [f"{path}: {len(train_set)} train, {len(val_set)} val, {len(test_set)} test images, "
                          f"{len(train_set.label_names)} local labels"]:
         say(ddp, f"data: {note}")
@@ -403,15 +428,25 @@ def read_data(args, ddp, clock, create):
 
 
 class RunFolders:
-    """Run folders named by a hash of what determines their result, so a finished run is found and reused."""
+    """
+    Run folders named by a hash of every setting that changes their numbers, so a finished run is found and reused
+    and a changed flag trains anew: the recipe below (the data by their caches, whose names hold the files, labels
+    and boxes), bf16 (--amp), TF32 where CUDA uses it, --compile, and for mlcak its teacher and alpha, beta, gamma.
+    Left out, as they cannot change a number: --workers, --log-every, --bootstrap, --out, --cache-dir,
+    --rebuild-cache, --resume (bitwise on CPU), and --device among fp32 devices (beyond rounding).
+    """
 
-    def __init__(self, args, info):
+    def __init__(self, args, info, device):
         self.args = args
         self.recipe = dict(model=dict(VARIANTS[args.model], name=args.model), img_size=args.img_size, epochs=args.epochs,
                            batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
                            seed=args.seed, readers=args.readers, val_fraction=args.val_fraction,
                            data=[os.path.basename(info["train_cache"]), os.path.basename(info["test_cache"])],
                            init=[os.path.abspath(args.init), os.path.getmtime(args.init), args.init_norm] if args.init else None)
+        # precision, named only where it is not the default, so that a default run keeps its folder names
+        numerics = dict(amp=args.amp, tf32=device.type == "cuda" and args.tf32, compile=args.compile)
+        self.recipe.update({k: v for k, v in numerics.items() if v})
+        self.train_cache = info["train_cache"]
         self.teacher = os.path.join(args.out, f"teacher-{args.img_size}-{short_hash(self.recipe)}")
         self.teacher_checkpoint = args.teacher or os.path.join(self.teacher, "best.pt")
         # an mlcak student is tied to its teacher: a given --teacher file, or the one this recipe trains
@@ -422,6 +457,23 @@ class RunFolders:
         if method == "mlcak":
             settings.update(teacher=self.teacher_key, alpha=self.args.alpha, beta=self.args.beta, gamma=self.args.gamma)
         return os.path.join(self.args.out, f"{method}-{res}-{short_hash(settings)}")
+
+    def interrupted(self, role, res, run_dir):
+        """The unfinished runs of this role, resolution and data in --out, each with the flags that differ from now."""
+        found = []
+        for name in sorted(os.listdir(self.args.out)):
+            path = os.path.join(self.args.out, name, "last.pt")
+            if not name.startswith(f"{role}-{res}-") or os.path.join(self.args.out, name) == run_dir or not os.path.isfile(path):
+                continue
+            last = read_checkpoint(path)
+            then = last.get("args", {})
+            if last["epoch"] == then.get("epochs") or last.get("data", {}).get("train_cache") != self.train_cache:
+                continue
+            differ = [f"--{k.replace('_', '-')} {then[k]}" for k in sorted(then)
+                      if k in FLAGS_THAT_MATTER and then[k] != getattr(self.args, k)]
+            found.append(f"{os.path.join(self.args.out, name)} (epoch {last['epoch']}/{then.get('epochs')}; "
+                         f"it had {', '.join(differ) or 'the same flags'})")
+        return found
 
 
 def short_hash(obj):
@@ -492,47 +544,20 @@ def say(ddp, message):
 
 # -------------------------------------------------------------------------------------------------- command line
 
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr (and exit code 2), not a usage block."""
-
-    def error(self, message):
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def pick_device(name):
-    """--device: auto picks cuda, then mps, then cpu; a device that is not there is a ValueError."""
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no CUDA GPU (or this torch is a CPU build)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not mps:
-        raise ValueError(f"--device {name}: MPS is not available here")
-    return device
+# the flags that change a run's numbers: each is in its run folder's name (RunFolders), directly or through the caches;
+# the others cannot change a number (--device only beyond rounding among fp32 devices)
+FLAGS_THAT_MATTER = ("data", "model", "img_size", "epochs", "batch_size", "lr", "weight_decay", "warmup", "alpha", "beta",
+                     "gamma", "teacher", "readers", "uncertain", "views", "boxes", "val_fraction", "init", "init_norm",
+                     "amp", "tf32", "compile", "seed")
+FLAGS_THAT_DO_NOT = ("bootstrap", "out", "cache_dir", "rebuild_cache", "device", "workers", "resume", "log_every")
+FLAGS_THAT_CHOOSE_RUNS = ("res", "no_kd", "compare")  # which runs are made: each run's resolution and role name its folder
 
 
-def writable(folder):
-    """None if files can be written in folder (made if missing), else the reason."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write-test-{uuid.uuid4().hex}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as err:
-        return f"{type(err).__name__}: {err.strerror}"
-    return None
-
-
-def parse_args(argv=None):
-    p = Parser(description="Train an MLCAK teacher (HR) and students (LR), then test them.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser():
+    p = Parser(description="Train an MLCAK teacher (HR) and students (LR), then test them. Every flag that changes the "
+               "numbers names the run folder, so a finished run is reused only under the same flags; --workers, "
+               "--log-every, --bootstrap, --out, --cache-dir, --rebuild-cache, --resume and --device (among fp32 "
+               "devices) cannot change them and are left out.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--res", type=int, nargs="+", default=[28], help="student resolution(s): 112, 56, 28 or any value from 8 to --img-size")
     p.add_argument("--data", help="dataset folder or CSV file in a layout of README's 'Data' (default: synthetic VinDr-style data in data/synthetic)")
     p.add_argument("--model", default="vit_cpu", choices=sorted(VARIANTS), help="ViT variant for teacher and students")
@@ -556,6 +581,8 @@ def parse_args(argv=None):
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of training patients (or images) held out for validation, unless the data name their own")
     p.add_argument("--out", default="runs", help="folder of the run folders")
     p.add_argument("--cache-dir", help="where decoded images are cached (default: data/cache in this project)")
+    p.add_argument("--rebuild-cache", action="store_true", help="decode every image again, although the cache's key (each "
+                   "file's size, modification and change time) says it is unchanged")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--no-tf32", dest="tf32", action="store_false", help="CUDA: full fp32 matrix products instead of TF32")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
@@ -566,7 +593,16 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the trained model and the frozen teacher")
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     p.add_argument("--seed", type=int, default=0, help="seed for initialization and data order")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
+    for r in sorted({r for r in args.res if args.res.count(r) > 1}):
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"--res {r} is given {args.res.count(r)} times: its models are trained and shown once")
+    args.res = list(dict.fromkeys(args.res))  # in the order given, each once
     patch = VARIANTS[args.model].get("patch_size", 16)
     checks = [
         (args.img_size >= patch and args.img_size % patch == 0,
@@ -603,15 +639,7 @@ def parse_args(argv=None):
 
 def cli(argv=None):
     """main, with the command line's exit codes: a bad input or a failed run is one line on stderr, not a traceback."""
-    try:
-        main(argv)
-    except (data.DataError, CheckpointError, TrainingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted: run the same command with --resume to continue from the last finished epoch", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(main, argv, (data.DataError, CheckpointError, TrainingError))
 
 
 if __name__ == "__main__":

@@ -6,16 +6,14 @@ Distillation and Multi-task Learning", arXiv 2405.13370): the same class serves 
 and the low-resolution student. It follows ViT (Dosovitskiy et al., arXiv 2010.11929) and uses the parameter
 names of timm's VisionTransformer, so ImageNet ViT/DeiT weights load with load_state_dict(strict=False).
 
-Dimensions: B batch, C input channels, T tokens (class token included), N = T - 1 patches, D width,
+Dimensions: B batch, C input channels, T tokens (class token included), P = T - 1 patches, D width,
 H heads, hd = D / H head width.
 
 This file imports torch alone; copy it into your project as it is.
 """
 
 import math
-import os
-import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -76,7 +74,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         x = self.proj(self.backbone(x))      # (B, C, S, S) -> (B, c, S/s, S/s) -> (B, D, g, g)
-        return x.flatten(2).transpose(1, 2)  # (B, D, N) -> (B, N, D), patches in row-major order
+        return x.flatten(2).transpose(1, 2)  # (B, D, P) -> (B, P, D), patches in row-major order
 
 
 class Attention(nn.Module):
@@ -183,9 +181,9 @@ class VisionTransformer(nn.Module):
         nn.init.zeros_(self.patch_embed.proj.bias)
 
     def forward(self, x, return_attn=False):
-        x = self.patch_embed(x)                              # (B, N, D)
+        x = self.patch_embed(x)                              # (B, P, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)      # (B, 1, D)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed      # (B, T, D), T = 1 + N
+        x = torch.cat([cls, x], dim=1) + self.pos_embed      # (B, T, D), T = 1 + P
         attentions = []
         for block in self.blocks:
             x, attn = block(x, return_attn)
@@ -210,7 +208,9 @@ def resample_pos_embed(pos_embed, new_grid, old_grid=None, num_prefix_tokens=1):
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     if old_grid is None:
         side = int(math.isqrt(grid.shape[1]))
-        assert side * side == grid.shape[1], "give old_grid for a non-square position grid"
+        if side * side != grid.shape[1]:
+            raise ValueError(f"pos_embed holds {grid.shape[1]} patch positions after {num_prefix_tokens} prefix "
+                             "slot(s): not a square grid (give old_grid)")
         old_grid = (side, side)
     old_grid = tuple(old_grid)
     if old_grid == tuple(new_grid):
@@ -235,17 +235,19 @@ def adapt_timm_state_dict(state_dict, model, checkpoint_norm="imagenet", input_n
         W' = sigma * sum_c W_c / s_c      b' = b + sum_{c, pixels} W_c * (mu - m_c) / s_c
 
     gives the same patch embedding as the pretrained model on the replicated gray image, normalization included.
-    pos_embed is resampled to the model's grid; classifier heads are skipped. Returns (state_dict, report) with
-    the keys 'loaded', 'converted', 'skipped'; raises ValueError if the checkpoint is not a ViT of this width.
+    pos_embed is resampled to the model's grid; classifier heads are dropped. A distilled DeiT (dist_token,
+    head_dist, pos_embed with two prefix slots) loads too: its distillation token and that token's position slot
+    are dropped. Returns (state_dict, report) with the keys 'loaded', 'converted', 'dropped'; raises ValueError
+    if the checkpoint is not a ViT of this width.
     """
     own = model.state_dict()
     for key in ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "pos_embed"):
         if key not in state_dict:
             raise ValueError(f"not a timm/DeiT ViT state_dict: no '{key}'")
-    out, report = {}, {"loaded": [], "converted": [], "skipped": []}
+    out, report = {}, {"loaded": [], "converted": [], "dropped": []}
     for key, value in state_dict.items():
         if key not in own:
-            report["skipped"].append(key)
+            report["dropped"].append(key)
             continue
         if key == "patch_embed.proj.weight" and own[key].shape[1] == 1:
             mean, std = (torch.tensor(v, dtype=value.dtype)[: value.shape[1], None, None] for v in CHECKPOINT_NORMS[checkpoint_norm])
@@ -256,6 +258,9 @@ def adapt_timm_state_dict(state_dict, model, checkpoint_norm="imagenet", input_n
         elif key == "patch_embed.proj.bias" and own["patch_embed.proj.weight"].shape[1] == 1:
             continue  # folded together with the weight above
         elif key == "pos_embed" and value.shape != own[key].shape:
+            if "dist_token" in state_dict:  # DeiT's slots: class, distillation, then the patches; ours: class, patches
+                value = torch.cat([value[:, :1], value[:, 2:]], dim=1)  # (1, 2 + P, D) -> (1, 1 + P, D)
+                report["dropped"].append("pos_embed[:, 1] (the distillation token's slot)")
             value = resample_pos_embed(value, model.patch_embed.grid_size)
             report["converted"].append(key)
         if value.shape != own[key].shape:
@@ -265,55 +270,3 @@ def adapt_timm_state_dict(state_dict, model, checkpoint_norm="imagenet", input_n
         if key not in report["converted"]:
             report["loaded"].append(key)
     return out, report
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
-
-class CheckpointError(ValueError):
-    """A file that is not a checkpoint of this model; the message is one line naming the file."""
-
-
-def save_checkpoint(path, model, **values):
-    """
-    Writes the model's weights and config with plain values (numbers, strings, lists, dicts, tensors; never a
-    pickled object), so torch.load(path, weights_only=True) reads it. Written to a temporary file, then renamed:
-    a crash never leaves half a checkpoint. Non-finite weights are never written.
-    """
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f"{path}: not written: {len(bad)} tensors hold NaN or infinity, e.g. {bad[0]}")
-    torch.save(dict(values, model=state, vit_config=asdict(model.cfg)), path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def load_weights(path):
-    """torch.load(path, weights_only=True), with a one-line CheckpointError for a file that is not such a pickle."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # not a torch file, truncated, or a pickle of Python objects that weights_only refuses
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch colours part of its message
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        reason = f"it holds a pickled {found.group(1)}" if found else (text.strip().splitlines() or [""])[0][:160]
-        raise CheckpointError(f"{path}: not a weights-only checkpoint ({type(err).__name__}: {reason})") from None
-
-
-def read_checkpoint(path):
-    """The dict save_checkpoint wrote, loaded with weights_only=True; CheckpointError (one line) for anything else."""
-    ckpt = load_weights(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "vit_config" not in ckpt:
-        raise CheckpointError(f"{path}: not a checkpoint of this project (no 'model' and 'vit_config' entries)")
-    return ckpt
-
-
-def load_checkpoint(path, device="cpu"):
-    """A checkpoint written by save_checkpoint -> (VisionTransformer in eval mode, the checkpoint dict)."""
-    ckpt = read_checkpoint(path)
-    try:
-        model = VisionTransformer(ViTConfig(**ckpt["vit_config"]))
-        model.load_state_dict(ckpt["model"])
-    except Exception as err:
-        raise CheckpointError(f"{path}: weights do not fit the config they were saved with ({type(err).__name__})") from None
-    return model.to(device).eval(), ckpt

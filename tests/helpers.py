@@ -147,10 +147,10 @@ def vindr_folder(root, test_other="Other disease"):
                [row(["t"], {"Pleural effusion"}, 0)])
     box_header = ["class_name", "x_min", "y_min", "x_max", "y_max"]
     write_rows(root / "annotations" / "annotations_train.csv", ["image_id", "rad_id"] + box_header, [
-        ["a", "R1", "Cardiomegaly", 10, 20, 30, 40], ["a", "R3", "No finding", "", "", "", ""],
+        ["a", "R1", "Cardiomegaly", 2, 1, 6, 4], ["a", "R3", "No finding", "", "", "", ""],
         ["b", "R4", "Cardiomegally", 1, 2, 3, 4]])  # a misspelt class: not a box, but not dropped silently
     write_rows(root / "annotations" / "annotations_test.csv", ["image_id"] + box_header,
-               [["t", "Pleural effusion", 0, 50, 40, 60]])
+               [["t", "Pleural effusion", 0, 5, 4, 7]])
     for split, ids in (("train", "ab"), ("test", "t")):
         os.makedirs(root / split, exist_ok=True)
         for i in ids:

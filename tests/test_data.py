@@ -1,6 +1,8 @@
 """Decoding, the cache and its damage, validation and leaks (data.py); the layouts have their tests in test_layouts.py."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pydicom
@@ -13,7 +15,8 @@ import layouts
 import synthetic
 from helpers import RAMP, vindr_folder, write_dicom, write_image, write_rows
 
-SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "dicom")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared", "dicom")
 
 
 def test_monochrome1_and_monochrome2_of_the_same_pixels_decode_to_inverse_images(tmp_path):
@@ -33,6 +36,41 @@ def test_window_is_applied_after_rescale_and_before_monochrome1_inversion(tmp_pa
     path1 = write_dicom(tmp_path / "w1.dcm", RAMP, "MONOCHROME1", RescaleSlope=2, RescaleIntercept=-1000,
                         WindowCenter=3000, WindowWidth=2000)
     np.testing.assert_allclose(data.read_dicom(path1), 1 - expected, atol=1e-6)
+
+
+def test_a_voi_lut_keeps_its_output_range_and_warns_nothing(tmp_path, recwarn):
+    # a 12-bit LUT over stored values 0 .. 4000 whose outputs run 400 .. 1600 of 0 .. 4095: a dim, low-contrast view
+    from pydicom.dataset import Dataset
+    item = Dataset()
+    item.add_new(0x00283002, "US", [4001, 0, 12])  # LUT Descriptor: entries, first stored value, bits
+    item.add_new(0x00283006, "US", np.linspace(400, 1600, 4001).round().astype(int).tolist())  # LUT Data
+    path = write_dicom(tmp_path / "lut.dcm", RAMP, RescaleSlope=1, RescaleIntercept=0, VOILUTSequence=[item])
+    image = data.read_dicom(str(path))
+    assert image.min() == pytest.approx(400 / 4095, abs=1e-6) and image.max() == pytest.approx(1600 / 4095, abs=1e-6)
+    assert not [w for w in recwarn if "VOI LUT" in str(w.message)]
+
+
+def test_a_rescale_slope_of_zero_or_a_constant_image_is_refused_by_name(tmp_path):
+    flat = write_dicom(tmp_path / "slope0.dcm", RAMP, RescaleSlope=0, RescaleIntercept=0)
+    with pytest.raises(data.DataError, match=r"slope0\.dcm: every pixel decodes to the same grey \(its RescaleSlope is 0\)"):
+        data.read_dicom(str(flat))
+    Image.fromarray(np.full((20, 20), 90, np.uint8)).save(tmp_path / "flat.png")
+    with pytest.raises(data.DataError, match=r"flat\.png: every pixel is the same grey"):
+        data.read_image(str(tmp_path / "flat.png"))
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(data.DataError, match=r"empty\.png: an empty file"):
+        data.read_image(str(tmp_path / "empty.png"))
+
+
+def test_a_jpeg_is_turned_upright_by_its_exif_orientation(tmp_path):
+    upright = np.zeros((20, 40), np.uint8)
+    upright[:, :20] = 250  # bright left half, landscape
+    stored = Image.fromarray(np.rot90(upright).copy())  # stored on its side (portrait), as a phone writes it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    stored.save(tmp_path / "side.jpg", exif=exif, quality=95)
+    image = data.read_image(str(tmp_path / "side.jpg"))
+    assert image.shape == (20, 40) and image[:, :15].mean() > 0.9 and image[:, 25:].mean() < 0.1
 
 
 def test_a_dicom_without_file_meta_decodes_like_one_with_it(tmp_path):
@@ -100,7 +138,7 @@ def test_a_16_bit_png_of_12_bit_values_keeps_its_grey_levels(tmp_path):
 
 def test_csv_with_8_and_16_bit_pngs_a_byte_order_mark_and_an_excel_header(tmp_path):
     os.makedirs(tmp_path / "img")
-    Image.fromarray(np.full((30, 20), 128, np.uint8)).save(tmp_path / "img" / "a.png")
+    Image.fromarray(np.repeat([[127, 129]], 30, axis=0).repeat(10, axis=1).astype(np.uint8)).save(tmp_path / "img" / "a.png")
     Image.fromarray((RAMP * 16).astype(np.uint16)).save(tmp_path / "img" / "b.png")
     # what Excel writes: a byte-order mark before the first column, here a label
     write_rows(tmp_path / "set.csv", ["Pneumonia", "path", "Effusion", "split"],
@@ -180,10 +218,76 @@ def test_cache_round_trip_with_boxes_and_a_corrupt_file_skipped(tmp_path):
     expected = data.resize_uint8(data.read_dicom(str(root / "train" / "a.dicom")), 32)
     np.testing.assert_array_equal((image[0].numpy() * 255).round(), expected)
     assert local.shape == (22,) and abnormal == 1 and index == 0
-    np.testing.assert_allclose(ds.boxes(0), [[3, 10 * 32 / 16, 20 * 32 / 8, 30 * 32 / 16, 40 * 32 / 8]])
+    np.testing.assert_allclose(ds.boxes(0), [[3, 2 * 32 / 16, 1 * 32 / 8, 6 * 32 / 16, 4 * 32 / 8]])
     assert data.build_cache(source, 32, str(tmp_path / "cache")) == folder  # complete: reused
     assert data.build_cache(source, 16, str(tmp_path / "cache")) != folder  # another size: another cache
     assert len(data.XrayDataset(folder, [])) == 0  # an empty selection is empty, not a float array
+
+
+def test_a_file_rewritten_with_its_old_size_and_time_is_decoded_again(tmp_path):
+    # as touch -r leaves it: the same size and modification time, other pixels; the change time tells it apart
+    write_image(tmp_path / "img" / "a.png", 1, True)
+    write_image(tmp_path / "img" / "b.png", 2, False)
+    write_rows(tmp_path / "set.csv", ["path", "Nodule", "split"], [["img/a.png", 1, "train"], ["img/b.png", 0, "test"]])
+    source = layouts.load_source(str(tmp_path / "set.csv"), "train")
+    first = data.build_cache(source, 16, str(tmp_path / "cache"), workers=1, verbose=False)
+    before = os.stat(tmp_path / "img" / "a.png")
+    Image.fromarray(255 - np.asarray(Image.open(tmp_path / "img" / "a.png"))).save(tmp_path / "img" / "a.png")
+    os.utime(tmp_path / "img" / "a.png", ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.path.getsize(tmp_path / "img" / "a.png") == before.st_size  # (the inverse of noise: the same PNG size)
+    second = data.build_cache(layouts.load_source(str(tmp_path / "set.csv"), "train"), 16, str(tmp_path / "cache"),
+                              workers=1, verbose=False)
+    assert second != first
+    np.testing.assert_array_equal(data.XrayDataset(second).images[0], 255 - data.XrayDataset(first).images[0])
+
+
+def test_rebuild_decodes_a_complete_cache_again(tmp_path, monkeypatch):
+    source, cache = synthetic_train(tmp_path)
+    monkeypatch.setattr(data, "Pool", InlinePool)
+    folder = data.build_cache(source, 24, cache, verbose=False)
+    decoded = []
+    real = data._decode_one
+    monkeypatch.setattr(data, "_decode_one", lambda job: decoded.append(job[0]) or real(job))
+    assert data.build_cache(source, 24, cache, verbose=False) == folder and decoded == []  # complete: reused
+    assert data.build_cache(source, 24, cache, verbose=False, rebuild=True) == folder and len(decoded) == 12
+
+
+def test_a_cache_whose_targets_hold_a_pickled_object_is_damage_and_rebuilt(tmp_path, capsys, monkeypatch):
+    source, cache = synthetic_train(tmp_path)
+    monkeypatch.setattr(data, "Pool", InlinePool)
+    folder = data.build_cache(source, 24, cache, verbose=False)
+    targets = dict(np.load(os.path.join(folder, "targets.npz")))
+    targets["local"] = np.array([object()] * 12)  # an object array: np.load would have to unpickle it
+    np.savez(os.path.join(folder, "targets.npz"), **targets)
+    with pytest.raises(data.DataError, match="damaged cache .*targets.npz"):
+        data.XrayDataset(folder)
+    assert data.build_cache(source, 24, cache, verbose=False) == folder
+    assert "is damaged (targets.npz" in capsys.readouterr().out
+    assert data.XrayDataset(folder).local.dtype == np.uint8
+
+
+def test_a_new_cache_takes_its_disk_space_at_once_and_a_full_disk_is_one_line(tmp_path):
+    # allocated when made, a full disk fails there, not with a SIGBUS at a later page's write; every file below is
+    # unreadable, so no pixel is ever written and only the allocation can have taken the space
+    for k in range(3):
+        (tmp_path / f"{k}.png").write_bytes(b"not a png")
+    write_rows(tmp_path / "set.csv", ["path", "Nodule", "split"], [[f"{k}.png", k % 2, "train"] for k in range(3)]
+               + [["0.png", 0, "test"]])
+    folder = data.build_cache(layouts.load_source(str(tmp_path / "set.csv"), "train"), 512, str(tmp_path / "cache"),
+                              workers=1, verbose=False)
+    st = os.stat(os.path.join(folder, "images.npy"))
+    assert st.st_blocks * 512 >= st.st_size > 3 * 512 * 512
+    # a file size limit stands in for a full disk (the same OSError at allocation): one line, then a rerun resumes
+    script = ("import resource, signal, sys; sys.path.insert(0, '.'); signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (100000, 100000)); import data, layouts; "
+              f"data.build_cache(layouts.load_source({str(tmp_path / 'set.csv')!r}, 'train'), 256, {str(tmp_path / 'c2')!r}, "
+              "workers=1, verbose=False)")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and last.startswith("layouts.DataError: cache: cannot write in") and "File too large" in last
+    rerun = data.build_cache(layouts.load_source(str(tmp_path / "set.csv"), "train"), 256, str(tmp_path / "c2"), workers=1,
+                             verbose=False)
+    assert len(data.XrayDataset(rerun).image_ids) == 3
 
 
 def test_interrupted_cache_build_resumes_where_it_stopped(tmp_path, monkeypatch):

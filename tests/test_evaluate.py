@@ -144,27 +144,39 @@ def test_map_figures_have_one_panel_per_checkpoint_plus_the_input(tmp_path):
 
 
 def seed_results(gain, seeds=4, n=200):
-    """evaluate_checkpoints-like results of baseline and mlcak over seeds; mlcak's scores are `gain` better."""
+    """evaluate_checkpoints-like results of baseline and mlcak over seeds, all scored on one test set with one set of
+    image resamples (as evaluate_checkpoints shares them); mlcak's scores are `gain` less noisy."""
     from evaluate import image_weights, scores
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, (n, 3))
+    weights = image_weights(n, 300, rng)
     out = []
     for s in range(seeds):
-        rng = np.random.default_rng(s)
-        y = rng.integers(0, 2, (n, 3))
-        weights = image_weights(n, 300, np.random.default_rng(100 + s))  # one set of resamples per seed, shared
         for name, noise in (("baseline@28", 3.0), ("mlcak@28", 3.0 * (1 - gain))):  # noise 3: AUROC about 0.83
             p = y + noise * rng.random(y.shape)
             prediction = predictions(p, y, p.max(1), y.any(1).astype(int))
             point = scores(prediction, np.ones((1, n)), {"pair": [0, 1]})
-            out.append(dict(name=name, seed=s, per_label=[0, 1, 2], _samples=scores(prediction, weights, {"pair": [0, 1]}),
+            out.append(dict(name=name, seed=s, per_label=[0, 1, 2], n_images=n, checkpoint=f"{name}-{s}.pt",
+                            _samples=scores(prediction, weights, {"pair": [0, 1]}),
                             scores={k: float(v[0]) for k, v in point.items() if k != "per label"}))
     return out
 
 
 def test_seed_report_pools_seeds_and_finds_a_real_gain_but_not_a_null_one():
     from evaluate import seed_report
-    report = seed_report(seed_results(gain=0.5), n_boot=500)
+    report = seed_report(seed_results(gain=0.5))
     assert "| mlcak@28 | 4 |" in report and "| baseline@28 | 4 |" in report and report.count("| pooled |") == 1
+    assert report.startswith("200 test images, 300 bootstrap resamples")
     pooled = report.split("| pooled | ")[1].split(" | ")
-    assert pooled[0].startswith("**+") and "p < 0.004" in pooled[0]  # no resample of 500 crosses 0: p below 2/500
-    null = seed_report(seed_results(gain=0.0), n_boot=500).split("| pooled | ")[1].split(" | ")[0]
+    assert pooled[0].startswith("**+") and "p < 0.007" in pooled[0]  # no resample of 300 crosses 0: p below 2/300
+    null = seed_report(seed_results(gain=0.0)).split("| pooled | ")[1].split(" | ")[0]
     assert float(null.split("p = ")[1].split()[0].rstrip("|")) > 0.05
+
+
+def test_seed_report_names_a_seed_given_twice():
+    import data
+    from evaluate import seed_report
+    results = seed_results(gain=0.0, seeds=2)
+    results[2]["seed"] = 0  # a copy of seed 0's baseline under another file name
+    with pytest.raises(data.DataError, match="baseline@28-0.pt and baseline@28-1.pt are both baseline@28 of seed 0"):
+        seed_report(results)

@@ -2,6 +2,7 @@
 untrained, NaN or half-written is saved or reused (train.cli and evaluate.main, in this process)."""
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -13,8 +14,9 @@ import data
 import layouts
 import evaluate
 import train
-from helpers import class_folders
-from vit import VARIANTS, CheckpointError, ViTConfig, VisionTransformer, save_checkpoint
+from helpers import class_folders, write_image, write_rows
+from runtime import CheckpointError, save_checkpoint
+from vit import VARIANTS, ViTConfig, VisionTransformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,7 +154,7 @@ def test_a_teacher_or_init_file_that_is_not_a_checkpoint_is_one_line(tiny, tmp_p
     for flag in ("--teacher", "--init"):
         code, out, err = cli(capsys, *flags, "--out", str(tmp_path / "runs"), flag, str(path))
         assert code == 1 and one_line(err), err
-        assert str(path) in err and ("not a weights-only checkpoint" in err or flag == "--init")
+        assert str(path) in err and ("not a plain-tensor checkpoint" in err or flag == "--init")
 
 
 def test_evaluation_names_the_first_label_that_differs_and_survives_a_read_only_folder(tiny, tmp_path, capsys):
@@ -183,3 +185,166 @@ def test_ctrl_c_says_how_to_resume_instead_of_a_traceback(tiny, tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in err
     assert "interrupted: run the same command with --resume to continue from the last finished epoch" in err
+
+
+def test_a_student_given_as_teacher_is_refused(tiny, tmp_path, capsys):
+    tmp, flags = tiny
+    student = str(tmp_path / "student.pt")
+    save_checkpoint(student, VisionTransformer(ViTConfig(img_size=64, num_local=2, **VARIANTS["vit_cpu"])),
+                    role="baseline", res=32, kd=False, norm=[0.5, 0.25], label_names=["COVID", "PNEUMONIA"], epoch=1)
+    code, out, err = cli(capsys, *flags, "--out", str(tmp_path / "runs"), "--teacher", student)
+    assert code == 1 and one_line(err) and f"--teacher {student}: a baseline model that sees 32 px images, not a teacher" in err
+    assert checkpoints(tmp_path / "runs") == []
+
+
+def test_a_pickle_that_would_run_code_names_what_was_refused(tmp_path, capsys):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo this must never run",))
+
+    torch.save({"model": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main([str(tmp_path / "evil.pt")])
+    out, err = capsys.readouterr()
+    assert exit.value.code == 1 and one_line(err) and "this must never run" not in out
+    assert f"{tmp_path / 'evil.pt'}: not a plain-tensor checkpoint: it holds a pickled posix.system, which was refused" in err
+
+
+def test_an_init_checkpoint_that_cannot_load_is_one_line(tiny, tmp_path, capsys):
+    tmp, flags = tiny
+    state = VisionTransformer(ViTConfig(img_size=64, num_local=2, **VARIANTS["vit_cpu"])).state_dict()
+    state["pos_embed"] = torch.randn(1, 11, 96)  # ten patch slots: no square grid
+    torch.save(state, tmp_path / "odd.pth")
+    code, out, err = cli(capsys, *flags, "--out", str(tmp_path / "runs"), "--no-kd", "--init", str(tmp_path / "odd.pth"))
+    assert code == 1 and one_line(err) and "pos_embed holds 10 patch positions" in err
+
+
+def test_repeated_resolutions_are_trained_and_shown_once(capsys):
+    args = train.parse_args(["--res", "28", "56", "28", "--compare"])
+    assert args.res == [28, 56] and "--res 28 is given 2 times: its models are trained and shown once" in capsys.readouterr().out
+
+
+def run_folders(*flags, device="cpu"):
+    """The run folders RunFolders names for these flags on a fixed dataset: (teacher, baseline@28, mlcak@28)."""
+    args = train.parse_args(["--out", "/tmp", *flags])
+    folders = train.RunFolders(args, dict(train_cache="/c/vindr-train-224-a", test_cache="/c/vindr-test-224-b"),
+                               torch.device(device))
+    return folders.teacher, folders.student("baseline", 28), folders.student("mlcak", 28)
+
+
+CHANGED = {"model": ["--model", "vit_tiny"], "img_size": ["--img-size", "256"], "epochs": ["--epochs", "31"],
+           "batch_size": ["--batch-size", "16"], "lr": ["--lr", "2e-3"], "weight_decay": ["--weight-decay", "0.1"],
+           "warmup": ["--warmup", "0.2"], "seed": ["--seed", "1"], "readers": ["--readers", "any"],
+           "val_fraction": ["--val-fraction", "0.2"], "amp": ["--amp"], "compile": ["--compile"],
+           "init_norm": ["--init-norm", "inception"]}
+
+
+@pytest.mark.parametrize("flag", sorted(CHANGED))
+def test_a_flag_that_changes_the_numbers_names_a_new_run_folder(flag, tmp_path):
+    base = ["--init", str(tmp_path / "w.pth")] if flag == "init_norm" else []
+    if base:
+        torch.save({}, tmp_path / "w.pth")
+    before, after = run_folders(*base), run_folders(*base, *CHANGED[flag])
+    assert all(a != b for a, b in zip(before, after)), flag
+
+
+def test_the_other_flags_that_change_numbers_name_new_folders_too(tmp_path):
+    same = run_folders()
+    for flags in (["--alpha", "2"], ["--beta", "2"], ["--gamma", "10"]):  # the mlcak student's folder alone
+        teacher, baseline, mlcak = run_folders(*flags)
+        assert (teacher, baseline) == same[:2] and mlcak != same[2], flags
+    torch.save({}, tmp_path / "t.pt")
+    assert run_folders("--teacher", str(tmp_path / "t.pt"))[2] != same[2]
+    torch.save({}, tmp_path / "w.pth")
+    assert run_folders("--init", str(tmp_path / "w.pth"))[0] != same[0]
+    assert run_folders(device="cuda")[0] != same[0] and run_folders("--no-tf32", device="cuda")[0] == same[0]  # TF32 on CUDA
+    for flags in (["--workers", "2"], ["--log-every", "5"], ["--bootstrap", "10"], ["--resume"], ["--rebuild-cache"],
+                  ["--no-tf32"], ["--cache-dir", str(tmp_path)]):  # cannot change a number: the same folders
+        assert run_folders(*flags) == same, flags
+    # --data, --uncertain, --views and --boxes change the labels or the images, so the cache's name (in the recipe)
+    write_image(tmp_path / "a.png", 0, True)
+    write_rows(tmp_path / "set.csv", ["path", "Nodule", "split"], [["a.png", -1, "train"], ["a.png", 1, "test"]])
+    zeros, ones = (layouts.load_source(str(tmp_path / "set.csv"), "train", uncertain=u) for u in ("zeros", "ones"))
+    assert data.cache_folder(zeros) != data.cache_folder(ones)
+
+
+
+def test_every_flag_is_either_in_the_run_folder_name_or_said_not_to_change_the_numbers():
+    every = {a.dest for a in train.build_parser()._actions} - {"help"}
+    assert every == set(train.FLAGS_THAT_MATTER) | set(train.FLAGS_THAT_DO_NOT) | set(train.FLAGS_THAT_CHOOSE_RUNS)
+    described = " ".join(train.build_parser().description.split())
+    for flag in train.FLAGS_THAT_DO_NOT:
+        assert f"--{flag.replace('_', '-')}" in described, flag
+
+
+def start(flags, out, *extra, **kw):
+    """train.py in a subprocess with the default SIGINT handler a user at the keyboard has (see the Ctrl-C test)."""
+    return subprocess.Popen([sys.executable, "train.py", *flags, "--out", str(out), "--log-every", "1", *extra], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
+
+
+def test_sigterm_says_how_to_resume_and_resume_under_other_flags_names_the_interrupted_run(tiny, tmp_path, capsys):
+    tmp, flags = tiny
+    process = start(flags, tmp_path, "--epochs", "4")
+    for line in process.stdout:
+        if line.startswith("teacher epoch 2/4 step"):
+            process.send_signal(signal.SIGTERM)  # what timeout, Slurm and Kubernetes send
+            break
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and "Traceback" not in err
+    assert "terminated: run the same command with --resume to continue from the last finished epoch" in err
+    interrupted = next(p for p in checkpoints(tmp_path) if p.endswith("last.pt"))
+    assert torch.load(interrupted, weights_only=True)["epoch"] == 1  # the state written before the signal, intact
+    code, out, err = cli(capsys, *flags, "--out", str(tmp_path), "--epochs", "4", "--resume", "--lr", "2e-3")
+    assert code == 0, err
+    assert "teacher@64: --resume: no interrupted run of these settings" in out
+    assert f"interrupted runs of this data under other settings: {os.path.dirname(interrupted)} (epoch 1/4; it had --lr 0.001)" in out
+    code, out, err = cli(capsys, *flags, "--out", str(tmp_path), "--epochs", "4", "--resume")
+    assert code == 0 and "teacher: resuming" in out and "after epoch 1" in out
+
+
+def test_a_full_disk_under_out_is_one_line_and_leaves_no_temporary_file(tiny, tmp_path, capsys):
+    tmp, flags = tiny
+    cli(capsys, *flags, "--out", str(tmp_path / "warm"), "--no-kd", "--epochs", "1")  # the caches, made beforehand
+    # a file size limit stands in for a full disk: best.pt (2 MB) fits, last.pt (with AdamW's state, 6 MB) does not
+    limit = lambda: (signal.signal(signal.SIGXFSZ, signal.SIG_IGN), resource.setrlimit(resource.RLIMIT_FSIZE, (4 * 2 ** 20,) * 2))
+    result = subprocess.run([sys.executable, "train.py", *flags, "--out", str(tmp_path / "runs"), "--no-kd"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert result.returncode == 1 and one_line(result.stderr), result.stderr
+    assert "last.pt: not written (RuntimeError:" in result.stderr and "free on that disk" in result.stderr
+    run = next(os.path.join(tmp_path / "runs", d) for d in os.listdir(tmp_path / "runs"))
+    assert sorted(f for f in os.listdir(run) if not f.startswith(".")) == ["best.pt"]  # no half-written temporary file
+    assert torch.load(os.path.join(run, "best.pt"), weights_only=True)["epoch"] == 1
+
+
+def test_two_identical_runs_started_at_once_both_finish_with_intact_files(tiny, tmp_path):
+    tmp, flags = tiny
+    fresh = [f if f != str(tmp / "cache") else str(tmp_path / "cache") for f in flags]  # a cache of their own, to build
+    runs = [start(fresh, tmp_path / "runs") for _ in range(2)]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in runs]
+    for code, out, err in results:
+        assert code == 0, out + err
+    both = results[0][1] + results[1][1]
+    assert "waiting for process" in both and "reusing" in both  # the second waited for the first, then reused its work
+    for path in checkpoints(tmp_path / "runs"):
+        torch.load(path, weights_only=True)
+    assert not [f for d, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".tmp") or ".tmp." in f]
+
+
+def test_evaluating_checkpoints_of_two_image_sizes_together_is_one_line(tiny, tmp_path):
+    tmp, flags = tiny
+    dataset = data.XrayDataset(data.build_cache(layouts.load_source(flags[1], "test"), 64, flags[3], verbose=False))
+    small, large = (teacher_file(tmp_path / f"{s}.pt", ["COVID", "PNEUMONIA"], s) for s in (64, 128))
+    with pytest.raises(data.DataError, match=r"128.pt: sees 128 px images, the test set was decoded at 64 px"):
+        evaluate.evaluate_checkpoints([small, large], dataset, n_boot=0)
+
+
+def test_a_test_set_of_abnormal_images_only_says_why_normal_abnormal_is_na_without_warnings(tiny, tmp_path, recwarn):
+    tmp, flags = tiny
+    dataset = data.XrayDataset(data.build_cache(layouts.load_source(flags[1], "test"), 64, flags[3], verbose=False))
+    sick = data.XrayDataset(dataset.folder, [n for n in dataset.indices if dataset.abnormal[n]])
+    results = evaluate.evaluate_checkpoints([teacher_file(tmp_path / "t.pt", ["COVID", "PNEUMONIA"])], sick, n_boot=50)
+    table = evaluate.format_table(results)
+    assert "nan" not in table and "normal/abnormal AUROC is n/a: all 24 test images are abnormal" in table
+    assert [str(w.message) for w in recwarn] == []

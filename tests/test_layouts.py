@@ -36,7 +36,7 @@ def test_vindr_readers_majority_and_any(tmp_path):
     assert list(anyone.abnormal) == [1, 1]
     # b: normal by its local labels, but only one of three readers said 'No finding': counted, not hidden
     assert any(note.startswith("train: 1 of 2 images") for note in major.notes)
-    np.testing.assert_array_equal(major.boxes, [[0, col["Cardiomegaly"], 10, 20, 30, 40]])
+    np.testing.assert_array_equal(major.boxes, [[0, col["Cardiomegaly"], 2, 1, 6, 4]])
     assert any("outside the label set not used: Cardiomegally" in note for note in major.notes)
 
 
@@ -45,6 +45,9 @@ def test_vindr_test_split_accepts_both_spellings(tmp_path, spelling):
     test = layouts.load_source(str(vindr_folder(tmp_path, spelling)), "test")
     assert test.image_ids == ["t"] and test.local[0, layouts.LOCAL_LABELS.index("Pleural effusion")] == 1
     assert test.boxes.shape == (1, 6)
+
+
+ORIGINAL = np.tile(np.linspace(0, 4000, 128), (96, 1)).round()  # a Kaggle DICOM of 96 rows and 128 columns
 
 
 def kaggle_folder(root, n=40, resized=None, meta=True):
@@ -62,7 +65,7 @@ def kaggle_folder(root, n=40, resized=None, meta=True):
             write_image(os.path.join(root, "train", f"{image_id}.png"), k, sick, size=resized)
         else:
             os.makedirs(os.path.join(root, "train"), exist_ok=True)
-            write_dicom(os.path.join(root, "train", f"{image_id}.dicom"), RAMP)
+            write_dicom(os.path.join(root, "train", f"{image_id}.dicom"), ORIGINAL)
     write_rows(os.path.join(root, "train.csv"), ["image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max", "y_max"], rows)
     if resized and meta:
         write_rows(os.path.join(root, "train_meta.csv"), ["image_id", "dim0", "dim1"], [[f"img{k:03d}", 96, 128] for k in range(n)])
@@ -156,7 +159,7 @@ def test_class_folders_with_split_folders_and_a_val_folder(tmp_path):
     n = train.image_ids.index("train/PNEUMONIA/pneumonia-train-0.png")
     assert train.local[n].tolist() == [0, 1] and train.abnormal[n] == 1
     assert train.abnormal[train.image_ids.index("train/normal/normal-train-0.png")] == 0
-    assert any("3 files that are not images ignored" in note for note in train.notes)
+    assert any("3 hidden files and folders ignored" in note for note in train.notes)  # the .DS_Store files
     ds = data.XrayDataset(data.build_cache(train, 16, str(tmp_path / "cache"), workers=1, verbose=False))
     val = data.validation_rows(ds, 0.1)
     assert {ds.image_ids[n].split("/")[0] for n in val} == {"val"} and len(val) == 36  # the val/ folder, not a hash
@@ -189,13 +192,16 @@ def test_csv_with_boxes_patients_and_no_split_trains_and_measures_localization(t
         if sick:
             boxes.append([f"img/{k // 10}/{k}.png", "Nodule", 12, 12, 24, 24])
     boxes.append(["img/0/1.png", "Mass", 1, 1, 5, 5])  # a label outside the set: counted and named
+    boxes += [[f"img/{k // 10}/{k}.png", "Nodule", 30, 30, 90, 90] for k in (1, 3)]  # beyond the 48-pixel images
     write_rows(tmp_path / "labels.csv", ["path", "Nodule", "patient_id"], rows)
     write_rows(tmp_path / "boxes.csv", ["path", "label", "x_min", "y_min", "x_max", "y_max"], boxes)
     sources = layouts.load_sources(str(tmp_path / "labels.csv"))
-    assert len(sources["train"].boxes) + len(sources["test"].boxes) == 24
+    assert len(sources["train"].boxes) + len(sources["test"].boxes) == 26
     assert any("outside the label set not used: Mass" in n for s in sources.values() for n in s.notes)
     out = short_run(capsys, tmp_path, tmp_path / "labels.csv")
     assert "attention in box" in out and "pointing game" in out
+    assert re.search(r"data: (train|test): \d boxes are empty or leave their image and are not used .*boxes.csv, line \d+: "
+                     r"x 30..90, y 30..90 leaves the image of 48 x 48 pixels", out)
 
 
 # ---- label cells and paths, the same in every layout that reads a CSV
@@ -261,3 +267,78 @@ def test_a_box_corner_that_is_not_a_number_is_named_with_its_file_line_and_colum
     with pytest.raises(layouts.DataError, match=r"BBox_List_2017.csv, line 4, column 'w': holds 'wide'"):
         layouts.load_sources(root)
 
+
+
+def test_a_header_that_names_a_column_twice_is_one_line(tmp_path):
+    write_image(tmp_path / "a.png", 0, True)
+    write_rows(tmp_path / "dup.csv", ["path", "Nodule", "Nodule", "split"], [["a.png", 1, 0, "train"]])
+    with pytest.raises(layouts.DataError, match="dup.csv: the header names column 'Nodule' 2 times"):
+        layouts.load_sources(str(tmp_path / "dup.csv"))
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t"])
+def test_a_csv_separated_by_semicolons_or_tabs_is_read_as_one_separated_by_commas(tmp_path, delimiter):
+    for n in range(6):
+        write_image(tmp_path / f"{n}.png", n, n % 2)
+    rows = [["path", "Nodule", "split"]] + [[f"{n}.png", n % 2, "test" if n > 3 else "train"] for n in range(6)]
+    (tmp_path / "set.csv").write_text("\n".join(delimiter.join(map(str, r)) for r in rows) + "\n")
+    sources = layouts.load_sources(str(tmp_path / "set.csv"))
+    assert sources["train"].label_names == ["Nodule"] and sources["train"].local[:, 0].tolist() == [0, 1, 0, 1]
+
+
+def test_a_utf16_csv_is_read_and_a_cp1252_one_is_named_with_its_encoding(tmp_path):
+    write_image(tmp_path / "réseau.png", 0, True)
+    write_image(tmp_path / "b.png", 1, False)
+    text = "path,Nodule,split\nréseau.png,1,train\nb.png,0,test\n"
+    (tmp_path / "utf16.csv").write_text(text, encoding="utf-16")  # with its byte-order mark, as Excel's 'Unicode text'
+    assert layouts.load_source(str(tmp_path / "utf16.csv"), "train").paths[0].endswith("réseau.png")
+    (tmp_path / "cp1252.csv").write_bytes(text.encode("cp1252"))
+    with pytest.raises(layouts.DataError, match=r"cp1252.csv, line 2: not UTF-8 \(byte 0xe9; Windows-1252 or Latin-1"):
+        layouts.load_sources(str(tmp_path / "cp1252.csv"))
+
+
+def test_hidden_folders_are_not_labels_and_bmp_and_tiff_are_images_in_class_folders(tmp_path):
+    root = class_folders(tmp_path / "cls", splits=(), per_class=6, junk=False)
+    write_image(tmp_path / "cls" / ".ipynb_checkpoints" / "x-checkpoint.png", 1, True)  # a notebook's copy
+    write_image(tmp_path / "cls" / "COVID" / ".hidden.png", 2, True)
+    for ext in ("bmp", "tif"):
+        write_image(tmp_path / "cls" / "COVID" / f"scan.{ext}", 3, True)
+    table = layouts.read_class_folders(root)
+    assert table.label_names == ["COVID", "PNEUMONIA"]  # not '.ipynb_checkpoints'
+    assert {r.image_id for r in table.rows} >= {"COVID/scan.bmp", "COVID/scan.tif"} and len(table.rows) == 20
+    assert any("2 hidden files and folders ignored" in n for n in table.notes)
+    assert not any("not images" in n for n in table.notes)
+
+
+def test_csv_paths_that_leave_the_dataset_are_said(tmp_path):
+    write_image(tmp_path / "set" / "a.png", 0, True)
+    write_image(tmp_path / "elsewhere" / "b.png", 1, False)
+    write_rows(tmp_path / "set" / "labels.csv", ["path", "Nodule", "split"],
+               [["a.png", 1, "train"], ["../elsewhere/b.png", 0, "train"], [str(tmp_path / "elsewhere" / "b.png"), 0, "test"],
+                ["/etc/passwd", 0, "train"], ["/proc/self/environ", 1, "train"]])
+    train = layouts.load_sources(str(tmp_path / "set" / "labels.csv"))["train"]
+    assert any(n.startswith("4 paths in ") and "lie outside its folder" in n and "e.g. ../elsewhere/b.png" in n
+               for n in train.notes)
+    folder = data.build_cache(train, 16, str(tmp_path / "cache"), workers=1, verbose=False)
+    skipped = open(os.path.join(folder, "skipped.txt")).read().splitlines()  # system files: never trained on
+    assert skipped == ["/etc/passwd: not a readable image (UnidentifiedImageError: cannot identify image file '/etc/passwd')",
+                       "/proc/self/environ: an empty file"]
+    assert len(data.XrayDataset(folder)) == 2
+
+
+def test_boxes_that_leave_their_image_or_are_empty_are_named_and_never_scored(tmp_path):
+    write_image(tmp_path / "a.png", 0, True)  # 48 x 48
+    write_image(tmp_path / "b.png", 1, False)
+    write_rows(tmp_path / "labels.csv", ["path", "Nodule", "split"], [["a.png", 1, "test"], ["b.png", 0, "train"]])
+    write_rows(tmp_path / "boxes.csv", ["path", "label", "x_min", "y_min", "x_max", "y_max"], [
+        ["a.png", "Nodule", 12, 12, 24, 24],    # good
+        ["a.png", "Nodule", 60, 60, 80, 80],    # outside the image
+        ["a.png", "Nodule", -30, 5, 10, 20],    # negative
+        ["a.png", "Nodule", 30, 5, 10, 20],     # x_max < x_min
+        ["a.png", "Nodule", 0, 0, 100, 100],    # larger than the image
+        ["a.png", "Nodule", 0, 0, 48.5, 48]])   # half a pixel over an edge: rounding, kept and clipped
+    test = data.XrayDataset(data.build_cache(layouts.load_source(str(tmp_path / "labels.csv"), "test"), 48,
+                                             str(tmp_path / "cache"), workers=1, verbose=False))
+    assert len(test.boxes(0)) == 2 and len(test.bad_boxes) == 4
+    assert test.bad_boxes[0] == f"{tmp_path / 'boxes.csv'}, line 3: x 60..80, y 60..80 leaves the image of 48 x 48 pixels"
+    assert "line 5: x 30..10, y 5..20 is empty or inverted" in test.bad_boxes[2]

@@ -59,7 +59,7 @@ def test_timm_rgb_state_dict_loads_and_matches_the_rgb_model_on_a_gray_image():
     assert sorted(missing) == ["head_global.bias", "head_global.weight", "head_local.bias", "head_local.weight"]
     assert unexpected == []
     assert sorted(report["converted"]) == ["patch_embed.proj.bias", "patch_embed.proj.weight"]
-    assert sorted(report["skipped"]) == ["head.bias", "head.weight"]
+    assert sorted(report["dropped"]) == ["head.bias", "head.weight"]
     gray.head_local.load_state_dict(rgb.head_local.state_dict()), gray.head_global.load_state_dict(rgb.head_global.state_dict())
     g = torch.rand(2, 1, 64, 64)
     mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
@@ -82,6 +82,33 @@ def test_a_checkpoint_of_another_width_or_a_cnn_fails_clearly():
         adapt_timm_state_dict(wider, model)
     with pytest.raises(ValueError, match="not a timm/DeiT ViT state_dict"):
         adapt_timm_state_dict({"conv1.weight": torch.randn(64, 3, 7, 7), "fc.weight": torch.randn(1000, 2048)}, model)
+
+
+def test_a_distilled_deit_checkpoint_loads_without_its_distillation_token():
+    # timm's deit_*_distilled: a dist_token, a head_dist, and a pos_embed of class, distillation and patch slots
+    torch.manual_seed(0)
+    plain = VisionTransformer(small_cfg(in_chans=3, img_size=64))  # an 8 x 8 grid
+    state = {k: v for k, v in plain.state_dict().items() if not k.startswith("head_")}
+    cls_slot, patches = state["pos_embed"][:, :1], state["pos_embed"][:, 1:]
+    state["pos_embed"] = torch.cat([cls_slot, torch.full((1, 1, 24), 7.0), patches], dim=1)  # (1, 2 + 64, D)
+    state["dist_token"] = torch.randn(1, 1, 24)
+    state["head.weight"], state["head.bias"] = torch.randn(1000, 24), torch.randn(1000)
+    state["head_dist.weight"], state["head_dist.bias"] = torch.randn(1000, 24), torch.randn(1000)
+    model = VisionTransformer(small_cfg(img_size=64))
+    converted, report = adapt_timm_state_dict(state, model)
+    assert converted["pos_embed"].shape == (1, 65, 24)
+    torch.testing.assert_close(converted["pos_embed"], torch.cat([cls_slot, patches], dim=1))  # the same grid: no resampling
+    assert sorted(report["dropped"]) == ["dist_token", "head.bias", "head.weight", "head_dist.bias", "head_dist.weight",
+                                         "pos_embed[:, 1] (the distillation token's slot)"]
+    smaller = VisionTransformer(small_cfg())  # 4 x 4: the 8 x 8 patch slots resampled after the slot is dropped
+    converted, _ = adapt_timm_state_dict(state, smaller)
+    assert converted["pos_embed"].shape == (1, 17, 24)
+    torch.testing.assert_close(converted["pos_embed"][:, :1], cls_slot)
+
+
+def test_a_position_grid_that_is_not_square_is_a_value_error_not_an_assertion():
+    with pytest.raises(ValueError, match="pos_embed holds 10 patch positions after 1 prefix slot"):
+        resample_pos_embed(torch.randn(1, 11, 8), 4)
 
 
 def test_forward_shapes_and_attention_rows_sum_to_one():

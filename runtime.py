@@ -1,0 +1,227 @@
+"""
+The machinery train.py and evaluate.py share, none of it the method: checkpoint files, the command line's
+one-line errors and exit codes, the device, folders that must be writable, and locks against a second process.
+
+    save_checkpoint / read_checkpoint / load_checkpoint    plain dicts of tensors and values (weights_only loading)
+    Parser, run_cli                                        a bad flag or a failed run is one line, never a traceback
+    pick_device, writable, free_space, Lock                the machine a run finds itself on
+
+It sits below both scripts: it imports vit.py (to rebuild a model from its checkpoint) and nothing else of ours.
+"""
+
+import argparse
+import fcntl
+import os
+import re
+import shutil
+import signal
+import sys
+import uuid
+from dataclasses import asdict
+
+import torch
+
+from vit import ViTConfig, VisionTransformer
+
+
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint of this model, or one that cannot be written; one line naming the file."""
+
+
+# -------------------------------------------------------------------------------------------------- checkpoints
+
+def temporary_name(path):
+    """A name beside path that no other process uses: two runs writing at once never share a half-written file."""
+    return f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+
+
+def save_checkpoint(path, model, **values):
+    """
+    Writes the model's weights and config with plain values (numbers, strings, lists, dicts, tensors; never a
+    pickled object), so torch.load(path, weights_only=True) reads it. Written to a temporary file, then renamed:
+    a crash or a full disk never leaves half a checkpoint, and the one written before stays. Non-finite weights
+    are never written.
+    """
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path}: not written: {len(bad)} tensors hold NaN or infinity, e.g. {bad[0]}")
+    tmp = temporary_name(path)
+    try:
+        torch.save(dict(values, model=state, vit_config=asdict(model.cfg)), tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError of its zip writer
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise CheckpointError(f"{path}: not written ({first_line(err)}); {free_space(path)} free on that disk; the "
+                              "checkpoints written before it are kept") from None
+
+
+def first_line(err):
+    """An exception as one line: its type and the first line of its message, without terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
+
+
+def load_weights(path):
+    """torch.load(path, weights_only=True), with a one-line CheckpointError for a file that is not such a pickle."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, truncated, or a pickle of Python objects that weights_only refuses
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))  # torch names the object it refused to build
+        if found:
+            raise CheckpointError(f"{path}: not a plain-tensor checkpoint: it holds a pickled {found.group(1)}, "
+                                  "which was refused (weights_only loading never runs such code)") from None
+        raise CheckpointError(f"{path}: not a plain-tensor checkpoint ({first_line(err)})") from None
+
+
+def read_checkpoint(path):
+    """The dict save_checkpoint wrote, loaded with weights_only=True; CheckpointError (one line) for anything else."""
+    ckpt = load_weights(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "vit_config" not in ckpt:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no 'model' and 'vit_config' entries)")
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu"):
+    """A checkpoint written by save_checkpoint -> (VisionTransformer in eval mode, the checkpoint dict)."""
+    ckpt = read_checkpoint(path)
+    try:
+        model = VisionTransformer(ViTConfig(**ckpt["vit_config"]))
+        model.load_state_dict(ckpt["model"])
+    except Exception as err:
+        raise CheckpointError(f"{path}: weights do not fit the config they were saved with ({type(err).__name__})") from None
+    return model.to(device).eval(), ckpt
+
+
+# -------------------------------------------------------------------------------------------------- command line
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (and exit code 2), not a usage block."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(signum)
+
+
+def _block_sigterm():
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+def _unblock_sigterm():
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _default_sigterm():
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _unblock_sigterm()
+
+
+# A forked worker (a decoding pool, a data loader) must end at once on SIGTERM, as its pool expects, not raise in our
+# handler. It is born with SIGTERM blocked and sets the default before unblocking it: a SIGTERM sent the moment it
+# starts then kills it, where a Python handler would lose it (and the pool would wait for that worker for ever).
+os.register_at_fork(before=_block_sigterm, after_in_parent=_unblock_sigterm, after_in_child=_default_sigterm)
+
+
+def run_cli(main, argv, errors):
+    """
+    main(argv) with the command line's exit codes: an error of the classes in errors is one line on stderr (exit 1);
+    Ctrl-C, and SIGTERM as schedulers and `timeout` send it, say how to go on (exit 130 and 143).
+    """
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        main(argv)
+    except errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:
+        terminated = err.args == (signal.SIGTERM,)
+        print(f"\n{'terminated' if terminated else 'interrupted'}: run the same command with --resume to continue from "
+              "the last finished epoch", file=sys.stderr)
+        return 143 if terminated else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def pick_device(name):
+    """--device: auto picks cuda, then mps, then cpu; a device that is not there is a ValueError."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA GPU (or this torch is a CPU build)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not mps:
+        raise ValueError(f"--device {name}: MPS is not available here")
+    return device
+
+
+# -------------------------------------------------------------------------------------------------- folders
+
+def writable(folder):
+    """None if files can be written in folder (made if missing), else the reason."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{uuid.uuid4().hex}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as err:
+        return f"{type(err).__name__}: {err.strerror}"
+    return None
+
+
+def free_space(path):
+    """The free space of the disk that holds path, as text ('1.2 GB')."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "an unknown amount"
+    return f"{free / 1e9:.1f} GB" if free >= 1e8 else f"{free / 1e6:.1f} MB"
+
+
+class Lock:
+    """
+    An exclusive lock on a folder's work (a hidden file in it, held by flock), so that two processes started at once
+    never write one cache or one run folder together: the second waits for the first, then finds its work done.
+    The operating system releases it when the holder ends, however it ends.
+    """
+
+    def __init__(self, path, what, wait=True):
+        self.path, self.what, self.wait, self.file = path, what, wait, None
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            if not self.wait:
+                self.file.close()
+                raise CheckpointError(f"{self.what} is held by {holder} ({self.path}); let it finish, then run again")
+            print(f"waiting for {holder}, which holds {self.what} ({self.path})", flush=True)
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"process {os.getpid()}")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+        return False
