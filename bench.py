@@ -27,9 +27,10 @@ import torch.nn as nn
 
 import data
 import layouts
+import runtime
 import synthetic
 import train
-from mlcak import joint_loss, model_input, teacher_targets
+from mlcak import joint_loss, model_input, targets_from_teacher
 from vit import VARIANTS, PatchEmbed, ViTConfig, VisionTransformer, pool_tokens
 
 
@@ -112,11 +113,11 @@ def bench_variant(name, args, device):
         teacher's targets are looked up (table) or the teacher is run on the batch (teacher)."""
         def step():
             with autocast():
-                teacher_out = table
+                teacher_targets = table
                 if teacher is not None:
                     with torch.no_grad():
-                        teacher_out = teacher_targets(teacher(x, return_attn=True))
-                loss, _ = joint_loss(model(x, return_attn=return_attn), targets, teacher_out)
+                        teacher_targets = targets_from_teacher(teacher(x, return_attn=True))
+                loss, _ = joint_loss(model(x, return_attn=return_attn), targets, teacher_targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -132,7 +133,7 @@ def bench_variant(name, args, device):
     ours, reference = VisionTransformer(cfg).to(device), ReferenceViT(cfg).to(device)
     teacher = VisionTransformer(cfg).to(device).eval()
     with torch.no_grad(), autocast():
-        table = teacher_targets(teacher(x, return_attn=True))
+        table = targets_from_teacher(teacher(x, return_attn=True))
     opt_ours, opt_ref = torch.optim.AdamW(ours.parameters()), torch.optim.AdamW(reference.parameters())
 
     def rate(fn):  # images per second
@@ -182,16 +183,16 @@ def bench_loop(args, device, epochs=3):
             "--log-every", "1000000"] + (["--amp"] if args.amp else [])
     argv += (["--data", args.data] if args.data else []) + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
     targs = train.parse_args(argv)
-    ddp = train.Ddp(device, True)
+    ddp = runtime.Ddp(device, True)
     with out, contextlib.redirect_stdout(io.StringIO()):  # the data's and the loop's own progress lines
-        train_set, val_set, _, info = train.prepare_data(targs, ddp, train.Clock())
+        train_set, val_set, _, info = data.load_splits(targs, runtime.Clock())
         cfg = ViTConfig(num_local=len(train_set.label_names), **VARIANTS["vit_cpu"])
         teacher = VisionTransformer(cfg).to(device).eval().requires_grad_(False)
         rates = {}
         for role, res, frozen in (("teacher", cfg.img_size, None), ("mlcak", 28, teacher)):
             model = train.initial_model(cfg, targs, ddp)
-            _, rates[role] = train.train(role, model, os.path.join(out.name, role), train_set, val_set, res, targs, ddp, info,
-                                         frozen)
+            _, rates[role] = train.train(role, res, os.path.join(out.name, role), model, frozen, train_set, val_set, targs,
+                                         ddp, info)
     return rates
 
 

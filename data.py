@@ -1,13 +1,13 @@
 """
-Chest X-ray pixels for MLCAK: the images that layouts.py lists, decoded once into a cache and served as a dataset.
+The data a run trains and tests on: the images that layouts.py lists, decoded once into a cache (decode.py), served
+as datasets, split, and turned into what each stage's steps read.
 
-    build_cache(source) -> folder       each image decoded once, on every core, into a uint8 memory map
-    XrayDataset(folder)                 (image, local targets, abnormal, index) from that cache
-    validation_rows(ds, fraction)       the validation images, never the test split's
-    overlap_notes(sets)                 the same image or patient in two splits (a leak), or twice in one
+    load_splits(args) -> train, val, test    --data (or the synthetic default) by its layout, cached, split, checked
+    build_cache(source) -> folder            each image decoded once, on every core, into a uint8 memory map
+    XrayDataset(folder)                      (image, local targets, abnormal, index) from that cache
+    StageData(dataset, res, teacher)         a stage's batches: the model input at res, the labels, the teacher's targets
+    validation_rows, overlap_notes           the validation images (never the test split's); leaks between splits
 
-DICOMs are windowed as a radiologist's screen shows them (read_dicom); PNG and JPEG are read as stored, 16-bit ones
-spread over their own range (read_image).
 Low-resolution images are not made here: mlcak.simulate_low_resolution makes them from HR batches.
 """
 
@@ -18,119 +18,70 @@ import time
 from multiprocessing import Pool
 
 import numpy as np
-import pydicom
 import torch
-from PIL import Image, ImageOps
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+import layouts
+import synthetic
+from decode import read_image, resize_uint8
 from layouts import DataError, hash_fraction
-from runtime import Lock, free_space, temporary_name
+from mlcak import model_input, targets_from_teacher
+from runtime import Lock, NotReady, free_space, progress_line, temporary_name
+from vit import VARIANTS
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 CACHE_VERSION = 3  # 3: box origins and the files' ctime in the key
-# transfer syntaxes that pydicom cannot decode on its own, and what to install for them
-PLUGIN_HINTS = {
-    "1.2.840.10008.1.2.4.57": "pylibjpeg pylibjpeg-libjpeg (or python-gdcm)",  # JPEG lossless
-    "1.2.840.10008.1.2.4.70": "pylibjpeg pylibjpeg-libjpeg (or python-gdcm)",  # JPEG lossless SV1
-    "1.2.840.10008.1.2.4.80": "pylibjpeg pylibjpeg-libjpeg (or python-gdcm)",  # JPEG-LS lossless
-    "1.2.840.10008.1.2.4.81": "pylibjpeg pylibjpeg-libjpeg (or python-gdcm)",  # JPEG-LS near-lossless
-    "1.2.840.10008.1.2.4.90": "pylibjpeg pylibjpeg-openjpeg (or python-gdcm)",  # JPEG 2000 lossless
-    "1.2.840.10008.1.2.4.91": "pylibjpeg pylibjpeg-openjpeg (or python-gdcm)",  # JPEG 2000
-}
+NORM = (0.5, 0.25)  # the models' input normalization, (x - mean) / std, saved with every checkpoint
 
 
-class NotReady(Exception):
-    """Another process is still making the data or the cache that this one would read."""
+# ---------------------------------------------------------------------------------------------- the splits of a run
 
-
-# ---------------------------------------------------------------------------------------------- decoding
-
-def read_dicom(path):
+def load_splits(args, clock, create=True, verbose=True):
     """
-    A radiograph as float32 in [0, 1], as it should look on screen (lungs dark, bone bright): stored values ->
-    modality LUT (or rescale) -> VOI LUT, or window centre/width (linear, c +- w/2), or else the image's own
-    min..max -> MONOCHROME1 inverted last, after the windowing that is defined on its stored polarity. A colour
-    DICOM (RGB, or YBR that pydicom turns into RGB) is taken as displayed and made grey; a multi-frame one is refused.
+    The train, validation and test sets of train.py's flags: --data (or the synthetic default, made on first use),
+    read by its layout, each split decoded into a cache at --img-size, validation drawn from the training patients.
+    Prints (with verbose) what it decided and found: the split sizes, labels without positives, leaks, bad boxes.
+    create=False waits for another process to make the data and caches (NotReady). Returns (train, val, test, info).
     """
-    try:
-        ds = pydicom.dcmread(path, force=True)
-        if "TransferSyntaxUID" not in ds.file_meta:  # an older file without a meta header: the encoding it was read in
-            implicit, little = ds.original_encoding
-            syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
-            ds.file_meta.TransferSyntaxUID = syntax
-        syntax = str(ds.file_meta.TransferSyntaxUID)
-    except Exception as err:
-        raise DataError(f"{path}: not a readable DICOM file ({type(err).__name__}: {err})") from None
-    if "PixelData" not in ds:
-        raise DataError(f"{path}: DICOM file has no pixel data")
-    try:
-        pixels = ds.pixel_array
-    except Exception as err:
-        hint = f"; install a decoder: pip install {PLUGIN_HINTS[syntax]}" if syntax in PLUGIN_HINTS else ""
-        raise DataError(f"{path}: cannot decode pixel data ({type(err).__name__}: {str(err).splitlines()[0]}){hint}") from None
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise DataError(f"{path}: a DICOM of {frames} frames; a radiograph has one")
-    if ds.get("SamplesPerPixel", 1) == 3:  # a colour capture (a scanned film, a screenshot): display-ready, made grey
-        grey = pixels.astype(np.float64) @ [0.299, 0.587, 0.114]  # (H, W, 3) -> (H, W), ITU-R BT.601 luma
-        return np.clip(grey / (2 ** int(ds.get("BitsStored", 8)) - 1), 0, 1).astype(np.float32)
-    image = apply_modality_lut(pixels, ds).astype(np.float64)
-    if "VOILUTSequence" in ds:
-        # a LUT is indexed by integers (pydicom warns on floats); its output spans 0 .. 2^bits - 1, as declared
-        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        image = apply_voi_lut(np.rint(image).astype(np.int64), ds, prefer_lut=True).astype(np.float64)
-        low, high = 0, 2 ** bits - 1
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        # either tag may hold several windows (a multi-value): the first is the default view
-        centre, width = (float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)
-                         for v in (ds.WindowCenter, ds.WindowWidth))
-        low, high = centre - width / 2, centre + width / 2
-    else:
-        low, high = image.min(), image.max()
-    image = np.clip((image - low) / max(high - low, 1e-6), 0, 1)
-    if image.min() == image.max():
-        why = ("its RescaleSlope is 0" if float(ds.get("RescaleSlope", 1) or 0) == 0 else
-               "its stored values are all the same" if pixels.min() == pixels.max() else "its window lies outside its values")
-        raise DataError(f"{path}: every pixel decodes to the same grey ({why}): not a radiograph to learn from")
-    if ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
-        image = 1 - image
-    return image.astype(np.float32)
+    start = time.time()
+    path = args.data or synthetic.make_synthetic(os.path.join(DEFAULT_DATA, "synthetic"), verbose=verbose, create=create)
+    clock.add("data", time.time() - start)
+    sources = layouts.load_sources(path, args.readers, args.uncertain, args.views, args.boxes)
+    start = time.time()
+    caches = {split: build_cache(s, args.img_size, args.cache_dir, verbose=verbose, create=create,
+                                 rebuild=args.rebuild_cache) for split, s in sources.items()}
+    clock.add("cache", time.time() - start)
+    train_all, test_set = XrayDataset(caches["train"]), XrayDataset(caches["test"])
+    val_rows = validation_rows(train_all, args.val_fraction)
+    train_set = XrayDataset(caches["train"], np.setdiff1d(train_all.indices, val_rows))
+    val_set = XrayDataset(caches["train"], val_rows)
+    notes = sources["train"].notes + sources["test"].notes
+    notes += overlap_notes({"train": train_set, "val": val_set, "test": test_set})
+    if not len(val_set):
+        why = (f"{len(train_all)} training images are too few for --val-fraction {args.val_fraction}" if args.val_fraction
+               else "--val-fraction 0")
+        notes.append(f"no validation image ({why}): the model of the last epoch is kept (best = last)")
+    elif not any(0 < c < len(val_set) for c in val_set.local[val_set.indices].sum(0)):
+        notes.append(f"the {len(val_set)} validation images have no label with both classes: AUROC is undefined, best = last")
+    for name, ds in (("train", train_set), ("test", test_set)):
+        missing = [n for n, c in zip(ds.label_names, ds.local[ds.indices].sum(0)) if c == 0]
+        if missing:
+            consequence = "their AUROC is n/a" if name == "test" else "the model cannot learn them"
+            notes.append(f"{name} has no positive case of {len(missing)} label(s): {', '.join(missing)}; {consequence}")
+        abnormal = int(ds.abnormal[ds.indices].sum())
+        if abnormal in (0, len(ds)):
+            notes.append(f"{name}: all {len(ds)} images are {'abnormal' if abnormal else 'normal'}: normal/abnormal "
+                         f"{'AUROC is n/a' if name == 'test' else 'cannot be learnt'}")
+        if ds.bad_boxes:
+            notes.append(f"{name}: {len(ds.bad_boxes)} boxes are empty or leave their image and are not used (the "
+                         f"localization never counts them); first: {ds.bad_boxes[0]}")
+    for note in notes + [f"{path}: {len(train_set)} train, {len(val_set)} val, {len(test_set)} test images, "
+                         f"{len(train_set.label_names)} local labels"]:
+        if verbose:
+            print(f"data: {note}", flush=True)
+    return train_set, val_set, test_set, dict(path=path, train_cache=caches["train"], test_cache=caches["test"])
 
 
-def read_image(path):
-    """
-    DICOM (by extension or content), or any image Pillow reads (PNG, JPEG, BMP, TIFF, WebP, GIF), as float32 in
-    [0, 1], turned upright by its EXIF orientation as a viewer shows it. An 8-bit image is display-ready (/ 255); a
-    16-bit one often holds 10 or 12-bit values, so like a DICOM without a window it is spread over its own range.
-    An empty file, or an image whose pixels are all the same grey, is a DataError: it holds nothing to learn from.
-    """
-    if os.path.getsize(path) == 0:
-        raise DataError(f"{path}: an empty file")
-    if path.lower().endswith((".dcm", ".dicom")):
-        return read_dicom(path)
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)  # a phone or scanner JPEG may be stored on its side
-            if im.mode.startswith(("I", "F")):
-                image = np.asarray(im, np.float32)
-                image = (image - image.min()) / max(float(image.max() - image.min()), 1e-6)
-            else:
-                image = np.asarray(im.convert("L"), np.float32) / 255.0
-    except Exception as err:
-        if pydicom.misc.is_dicom(path):
-            return read_dicom(path)
-        raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
-    if image.min() == image.max():
-        raise DataError(f"{path}: every pixel is the same grey: not a radiograph to learn from")
-    return image
-
-
-def resize_uint8(image, size):
-    """Squashes to size x size (antialiased bicubic; the aspect ratio is not kept) and quantizes to uint8."""
-    resized = Image.fromarray(image, mode="F").resize((size, size), Image.BICUBIC, reducing_gap=3.0)
-    return np.clip(np.asarray(resized) * 255 + 0.5, 0, 255).astype(np.uint8)
-
+# ---------------------------------------------------------------------------------------------- the cache
 
 def _decode_one(job):
     n, path, size = job
@@ -140,8 +91,6 @@ def _decode_one(job):
     except Exception as err:  # one bad file must never stop a long build: it is reported by name instead
         return n, None, None, str(err) if isinstance(err, DataError) else f"{path}: {type(err).__name__}: {err}"
 
-
-# ---------------------------------------------------------------------------------------------- cache
 
 def cache_key(source, size):
     """
@@ -157,11 +106,6 @@ def cache_key(source, size):
     for array in (source.local, source.abnormal, source.boxes, source.frames, source.val):
         h.update(np.ascontiguousarray(array).tobytes())
     return h.hexdigest()
-
-
-def progress_line(what, done, total, start):
-    rate = done / max(time.time() - start, 1e-9)
-    return f"{what}: {done}/{total} ({rate:.0f}/s, ETA {(total - done) / max(rate, 1e-9):.0f}s)"
 
 
 def cache_folder(source, size=224, cache_root=None):
@@ -380,3 +324,65 @@ def overlap_notes(sets):
             if patients:
                 notes.append(f"leak: {len(patients)} patients have images in both {a} and {b}, e.g. {patients[0]}")
     return notes
+
+
+# ---------------------------------------------------------------------------------------------- a stage's batches
+
+class StageData:
+    """
+    What the steps of one stage read: the model's input at the stage's resolution, the labels and, for mlcak, the
+    teacher's targets (mlcak.targets_from_teacher: its probabilities and its MLCAK map, the frozen teacher run on the
+    HR image). Nothing here changes between epochs (train.py does not augment, and the teacher is frozen in eval
+    mode), so where it fits in memory it is computed once for every training image: the steps then spend no time on
+    the low-resolution simulation, the teacher's forward pass or the loader. Otherwise each batch is loaded and
+    computed at its step, as the paper's loss reads. Both give the same batches in the same order.
+    """
+
+    LIMIT = 4 * 2 ** 30  # bytes kept in memory at most
+
+    def __init__(self, dataset, res, teacher, need_attn, autocast, args, ddp):
+        self.dataset, self.res, self.teacher, self.need_attn, self.autocast = dataset, res, teacher, need_attn, autocast
+        self.args, self.device = args, ddp.device
+        # the same sampler with one process or many: rank r takes every world-th image of one seeded permutation, so
+        # N processes with batch B/N see, step by step, the same images as one process with batch B
+        self.sampler = torch.utils.data.DistributedSampler(dataset, ddp.world, ddp.rank, shuffle=True, seed=args.seed, drop_last=True)
+        self.batch_sampler = torch.utils.data.BatchSampler(self.sampler, args.batch_size // ddp.world, drop_last=True)
+        self.steps = len(self.batch_sampler)
+        S, L = args.img_size, len(dataset.label_names)
+        T = (args.img_size // VARIANTS[args.model].get("patch_size", 16)) ** 2 + 1  # tokens, the class token included
+        per_image = S * S + L + 1  # float32 values: the model input, the local targets, abnormal
+        if teacher is not None:
+            per_image += L + 2 + (T * T if need_attn else 0)  # the teacher's probabilities and its MLCAK map
+        size = 4 * len(dataset) * per_image
+        self.table = None
+        if size <= self.LIMIT:
+            loader = torch.utils.data.DataLoader(dataset, batch_size=128, num_workers=args.workers)
+            parts = [self.compute(images, local, abnormal) for images, local, abnormal, _ in loader]
+            self.table = [None if parts[0][k] is None else torch.cat([p[k] for p in parts]) for k in range(6)]
+
+    @torch.no_grad()
+    def compute(self, images, local, abnormal):
+        """(model input, local, abnormal, p_local^T, p_global^T, MLCAK^T) of a batch; the teacher's None for others."""
+        images = images.to(self.device, non_blocking=True)
+        x = model_input(images, self.res, NORM)
+        teacher_targets = (None, None, None)
+        if self.teacher is not None:
+            with self.autocast():
+                hr = model_input(images, self.args.img_size, NORM)
+                teacher_targets = targets_from_teacher(self.teacher(hr, return_attn=self.need_attn))
+        return (x, local.to(self.device, non_blocking=True), abnormal.to(self.device, non_blocking=True), *teacher_targets)
+
+    def batches(self, epoch):
+        """(model input, (local targets, abnormal), the teacher's targets or None) for each step of an epoch."""
+        self.sampler.set_epoch(epoch)
+        if self.table is not None:
+            for positions in self.batch_sampler:
+                index = torch.tensor(positions, device=self.device)
+                x, local, abnormal, *teacher_targets = (None if part is None else part[index] for part in self.table)
+                yield x, (local, abnormal), (tuple(teacher_targets) if self.teacher is not None else None)
+            return
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.batch_sampler, num_workers=self.args.workers,
+                                             pin_memory=self.device.type == "cuda")
+        for images, local, abnormal, _ in loader:
+            x, local, abnormal, *teacher_targets = self.compute(images, local, abnormal)
+            yield x, (local, abnormal), (tuple(teacher_targets) if self.teacher is not None else None)

@@ -1,6 +1,7 @@
 """
 Evaluates MLCAK checkpoints on a test set: AUROC per local label (MLCT) with its numbers of positives and
-negatives, their mean over the labels where AUROC is defined, and normal/abnormal AUROC (MCCT).
+negatives, their mean over the labels where AUROC is defined, and normal/abnormal AUROC (MCCT), with bootstrap
+intervals (bootstrap.py) and the localization of each model's attention (maps.py).
 
     python evaluate.py runs/teacher-224-*/best.pt runs/mlcak-28-*/best.pt
     python evaluate.py CKPT --data /data/vindr-cxr      # another dataset than the one the checkpoint names
@@ -15,141 +16,17 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
-import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 import data
 import layouts
-from mlcak import mlcak_map, model_input, simulate_low_resolution
-from runtime import CheckpointError, Parser, load_checkpoint, pick_device, writable
-
-
-def auroc_rows(y_true, y_score, weights=None):
-    """
-    AUROC = P(score of a random positive > score of a random negative), ties counting 1/2, for one score vector
-    and each row of weights (R, N): how many times each image counts (bootstrap resamples; once by default).
-    With the scores sorted into groups g of equal value, W+_g and W-_g the weights of positives and negatives:
-
-        AUROC = sum_g W+_g * (W-_{below g} + W-_g / 2) / (W+ * W-)
-
-    One sort serves every resample. NaN for a row with one class only (never 0 or 0.5, which would bias a mean).
-    """
-    y = np.asarray(y_true).astype(bool).ravel()
-    s = np.asarray(y_score, np.float64).ravel()
-    w = np.ones((1, len(s))) if weights is None else np.asarray(weights, np.float64)
-    order = np.argsort(s, kind="stable")
-    groups = np.r_[0, np.flatnonzero(np.diff(s[order])) + 1]  # where each run of tied scores starts
-    pos = np.add.reduceat(w[:, order] * y[order], groups, axis=1)  # (R, G)
-    neg = np.add.reduceat(w[:, order] * ~y[order], groups, axis=1)  # (R, G)
-    below = np.cumsum(neg, axis=1) - neg
-    P, Nneg = pos.sum(axis=1), neg.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where((P > 0) & (Nneg > 0), (pos * (below + neg / 2)).sum(axis=1) / (P * Nneg), np.nan)
-
-
-def auroc(y_true, y_score):
-    """AUROC of one score vector (see auroc_rows); NaN when y_true holds one class only."""
-    return float(auroc_rows(y_true, y_score)[0])
-
-
-def image_weights(n, n_boot, rng):
-    """(n_boot, n): how many times each of n test images is drawn in each resample with replacement."""
-    idx = rng.integers(0, n, (n_boot, n))  # (R, N): the images of each resample
-    return np.bincount((np.arange(n_boot)[:, None] * n + idx).ravel(), minlength=n_boot * n).reshape(n_boot, n)
-
-
-def nanmean(values, axis):
-    with warnings.catch_warnings():  # a resample with no defined label gives NaN, on purpose
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(values, axis=axis)
-
-
-def scores(prediction, weights, groups=None, located=None):
-    """
-    Every score of one model under each row of image weights (R, N): {name: (R,)}. 'mean local' is the mean AUROC
-    over the labels defined in that resample, a group's name the mean over its labels (groups: {name: [label
-    index]}), 'normal/abnormal' the global AUROC; with located = (rows, in_box, hit) per image that has boxes
-    (from localization_score), 'attention in box' and 'pointing game' are their weighted means.
-    """
-    local, abnormal, y_local, y_abnormal = prediction
-    per_label = np.stack([auroc_rows(y_local[:, k], local[:, k], weights) for k in range(y_local.shape[1])], 1)  # (R, L)
-    out = {"mean local": nanmean(per_label, 1), "per label": per_label}
-    out.update({name: nanmean(per_label[:, index], 1) for name, index in (groups or {}).items()})
-    out["normal/abnormal"] = auroc_rows(y_abnormal, abnormal, weights)
-    if located is not None:
-        rows, in_box, hit = located
-        w = weights[:, rows]  # (R, images with boxes)
-        out["attention in box"], out["pointing game"] = (w @ in_box) / w.sum(1), (w @ hit) / w.sum(1)
-    return out
-
-
-def bootstrap(predictions, n_boot=1000, seed=0):
-    """
-    Resamples the test images with replacement n_boot times (the same resamples for every model, so that
-    differences are paired) and returns, per model, the resampled mean local AUROC (over the labels defined in
-    each resample) and normal/abnormal AUROC, each (n_boot,). predictions: (local, abnormal, y_local, y_abnormal)
-    per model, on the same images in the same order.
-    """
-    weights = image_weights(len(predictions[0][3]), n_boot, np.random.default_rng(seed))
-    out = []
-    for prediction in predictions:
-        s = scores(prediction, weights)
-        out.append(dict(mean_local_auroc=s["mean local"], normal_abnormal_auroc=s["normal/abnormal"], per_label=s["per label"]))
-    return out
-
-
-def interval(samples):
-    """The 95% percentile interval of bootstrap samples, as [low, high]; NaN where no resample defines the score."""
-    samples = np.asarray(samples, np.float64)
-    if not np.isfinite(samples).any():
-        return [math.nan, math.nan]
-    low, high = np.nanpercentile(samples, [2.5, 97.5])
-    return [float(low), float(high)]
-
-
-def paired_difference(point_a, point_b, samples_a, samples_b):
-    """b - a with its 95% interval and a two-sided bootstrap p-value (how often the resampled difference crosses 0)."""
-    d = samples_b - samples_a
-    return dict(difference=float(point_b - point_a), ci=interval(d), p_value=p_value(d), resamples=len(d))
-
-
-def p_value(d):
-    """
-    Two-sided bootstrap p-value of resampled differences d: twice the share of resamples on the smaller side of 0
-    (NaN where no resample defines the difference). It is how surprising a difference this far from 0 would be if
-    the resampled units (test images; seeds too when pooled) were all the noise there is; it is not the chance
-    that the difference is 0, nor that it would repeat on other data.
-    """
-    d = np.asarray(d, np.float64)
-    d = d[np.isfinite(d)]
-    if not len(d):
-        return math.nan
-    return float(min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0))))
-
-
-def p_text(p, resamples):
-    """'p = 0.034', 'p < 0.002' when no resample crossed 0 (the bootstrap cannot say more), or 'p n/a'."""
-    if math.isnan(p):
-        return "p n/a"
-    return f"p < {2 / resamples:.3f}" if p == 0 else f"p = {p:.3f}"
-
-
-def number(value, signed=False):
-    """A score as the tables print it: 0.736 (+0.015 with signed), or n/a where it is undefined."""
-    if value is None or math.isnan(value):
-        return "n/a"
-    return f"{value:+.3f}" if signed else f"{value:.3f}"
-
-
-def span(ci, signed=False):
-    """An interval as the tables print it: [0.709, 0.761], or n/a."""
-    return "n/a" if math.isnan(ci[0]) else f"[{number(ci[0], signed)}, {number(ci[1], signed)}]"
+from bootstrap import auroc_rows, hierarchical, image_weights, interval, mean_over_defined, p_value, paired_difference
+from maps import localization_score, pick_rows, write_figures
+from mlcak import model_input
+from runtime import CheckpointError, Parser, load_checkpoint, pick_device, run_cli, run_name, writable
 
 
 @torch.no_grad()
@@ -168,145 +45,36 @@ def predict(model, dataset, res, norm, device, batch_size=32):
             torch.cat(y_abnormal).numpy())
 
 
-def metrics(local, abnormal, y_local, y_abnormal, label_names):
-    per_label = {}
-    for k, name in enumerate(label_names):
-        pos = int(y_local[:, k].sum())
-        per_label[name] = dict(auroc=auroc(y_local[:, k], local[:, k]), positives=pos, negatives=len(y_local) - pos)
-    defined = [m["auroc"] for m in per_label.values() if not math.isnan(m["auroc"])]
-    return dict(per_label=per_label, mean_local_auroc=float(np.mean(defined)) if defined else float("nan"),
-                labels_defined=len(defined), labels_total=len(label_names),
-                normal_abnormal_auroc=auroc(y_abnormal, abnormal), n_images=int(len(y_abnormal)),
-                n_abnormal=int(np.sum(y_abnormal)))
-
-
-# ------------------------------------------------------------------------------------- attention as explanation
-
-@torch.no_grad()
-def attention_maps(model, dataset, rows, res, norm, device, batch_size=32):
+def scores(prediction, weights, groups=None, located=None):
     """
-    Where the model looks, from MLCAK, for the given cache rows: the class token's row when the heads read the
-    class token, else (max pooling over patches) the attention each patch receives from the patches, averaged.
-    Returns (n, g, g) maps that sum to 1 over the patches.
+    Every score of one model, the one place each is computed, under each row of image weights (R, N): {name: (R,)};
+    weights of ones (1, N) give the scores on the test set itself. 'per label' is AUROC per local label (R, L),
+    'mean local' their mean over the labels defined in that resample, a group's name the mean over its labels
+    (groups: {name: [label index]}), 'normal/abnormal' the global AUROC; with located = (rows, in_box, hit) per image
+    that has boxes (from maps.localization_score), 'attention in box' and 'pointing game' are their weighted means.
     """
-    model.eval()
-    g, out = model.patch_embed.grid_size, []
-    for start in range(0, len(rows), batch_size):
-        images = torch.stack([dataset.image(int(n)) for n in rows[start:start + batch_size]]).to(device)
-        _, _, attentions = model(model_input(images, res, norm), return_attn=True)
-        H = mlcak_map(attentions)              # (B, T, T)
-        row = H[:, 0, 1:] if model.cfg.global_pool == "token" else H[:, 1:, 1:].mean(1)  # (B, N)
-        out.append((row / row.sum(1, keepdim=True)).reshape(-1, g, g).float().cpu())  # (B, N) -> (B, g, g)
-    return torch.cat(out) if out else torch.zeros(0, g, g)
+    local, abnormal, y_local, y_abnormal = prediction
+    per_label = np.stack([auroc_rows(y_local[:, k], local[:, k], weights) for k in range(y_local.shape[1])], 1)  # (R, L)
+    out = {"mean local": mean_over_defined(per_label), "per label": per_label}
+    out.update({name: mean_over_defined(per_label[:, index]) for name, index in (groups or {}).items()})
+    out["normal/abnormal"] = auroc_rows(y_abnormal, abnormal, weights)
+    if located is not None:
+        rows, in_box, hit = located
+        w = weights[:, rows]  # (R, images with boxes)
+        out["attention in box"], out["pointing game"] = (w @ in_box) / w.sum(1), (w @ hit) / w.sum(1)
+    return out
 
 
-def upsample(maps, size):
-    """(n, g, g) patch maps -> (n, size, size) pixel maps (bilinear), each still summing to 1."""
-    up = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]  # (n, S, S)
-    return (up / up.sum((1, 2), keepdim=True)).numpy()
-
-
-def box_mask(boxes, size):
-    """Union of boxes (K, 5: label, x_min, y_min, x_max, y_max in pixels) as a (size, size) boolean mask."""
-    mask = np.zeros((size, size), bool)
-    for _, x0, y0, x1, y1 in boxes:
-        mask[max(0, int(y0)):min(size, int(np.ceil(y1))), max(0, int(x0)):min(size, int(np.ceil(x1)))] = True
-    return mask
-
-
-def localization(maps, masks):
-    """
-    attention_in_box = mean over images of sum(map * mask): the share of attention inside the finding boxes.
-    pointing_game    = mean over images of mask[argmax(map)]: the most attended pixel lies in a box.
-    chance           = mean box area share: what a uniform map scores on both.
-    Returns the means and, per image, in_box and hit.
-    """
-    if len(masks) == 0:
-        return None
-    masks = np.asarray(masks)
-    flat = maps.reshape(len(maps), -1)
-    hit = masks.reshape(len(masks), -1)[np.arange(len(maps)), flat.argmax(1)].astype(np.float64)
-    in_box = (maps * masks).sum((1, 2))
-    return dict(attention_in_box=float(in_box.mean()), pointing_game=float(hit.mean()), chance=float(masks.mean()),
-                n_images=len(masks), in_box=in_box, hit=hit)
-
-
-def localization_score(model, ckpt, dataset, device):
-    """localization of a model's attention on the test images that have boxes; 'rows' are their positions."""
-    positions = [i for i, n in enumerate(dataset.indices) if len(dataset.boxes(int(n)))]
-    rows = [int(dataset.indices[i]) for i in positions]
-    size = dataset.meta["size"]
-    maps = upsample(attention_maps(model, dataset, rows, ckpt["res"], ckpt["norm"], device), size)
-    result = localization(maps, [box_mask(dataset.boxes(n), size) for n in rows])
-    return result and dict(result, rows=np.array(positions))
-
-
-# a perceptually ordered dark-to-bright ramp (after matplotlib's inferno), interpolated linearly
-RAMP = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21],
-                 [250, 193, 39], [252, 255, 164]], np.float64)
-
-
-def colorize(values):
-    """(H, W) in [0, 1] -> (H, W, 3) uint8 along RAMP."""
-    x = np.clip(values, 0, 1) * (len(RAMP) - 1)
-    i = np.minimum(x.astype(int), len(RAMP) - 2)
-    f = (x - i)[..., None]
-    return (RAMP[i] * (1 - f) + RAMP[i + 1] * f).astype(np.uint8)
-
-
-def panel(image, boxes, title, heat=None, title_height=14):
-    """One figure panel: the image (S, S) in [0, 1], the attention map overlaid, the boxes, a title above."""
-    rgb = np.repeat((np.clip(image, 0, 1) * 255)[..., None], 3, axis=2)
-    if heat is not None:
-        rgb = 0.45 * rgb + 0.55 * colorize((heat - heat.min()) / max(heat.max() - heat.min(), 1e-12))  # per-map contrast
-    S = image.shape[0]
-    canvas = Image.new("RGB", (S, S + title_height), "white")
-    canvas.paste(Image.fromarray(rgb.astype(np.uint8)), (0, title_height))
-    draw = ImageDraw.Draw(canvas)
-    for _, x0, y0, x1, y1 in boxes:
-        draw.rectangle([x0, y0 + title_height, x1, y1 + title_height], outline=(0, 255, 0))
-    draw.text((2, 1), title, fill="black")
-    return canvas
-
-
-def write_figures(folder, dataset, loaded, rows, device):
-    """One PNG per test image (input, then each checkpoint's map), and overview.png stacking them all."""
-    os.makedirs(folder, exist_ok=True)
-    size = dataset.meta["size"]
-    maps = [upsample(attention_maps(m, dataset, rows, c["res"], c["norm"], device), size) for m, c in loaded]
-    figures = []
-    for k, n in enumerate(rows):
-        hr, boxes = dataset.image(n), dataset.boxes(n)
-        panels = [panel(hr[0].numpy(), boxes, f"{os.path.basename(dataset.image_ids[n])[:16]} @{size}")]
-        for (model, ckpt), m in zip(loaded, maps):
-            seen = simulate_low_resolution(hr[None], ckpt["res"])[0, 0].numpy()  # what this model saw, before normalization
-            panels.append(panel(seen, boxes, run_name(ckpt), heat=m[k]))
-        figure = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
-        for j, p in enumerate(panels):
-            figure.paste(p, (j * p.width, 0))
-        figure.save(os.path.join(folder, file_name(dataset.image_ids[n]) + ".png"))
-        figures.append(figure)
-    overview = Image.new("RGB", (figures[0].width, sum(f.height for f in figures)), "white")
-    for j, f in enumerate(figures):
-        overview.paste(f, (0, j * f.height))
-    overview.save(os.path.join(folder, "overview.png"))
-    return len(figures)
-
-
-def file_name(image_id):
-    """An image id as a file name: ids may hold folders (test/NORMAL/x.jpeg -> test_NORMAL_x.jpeg)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id)
-
-
-def pick_rows(dataset, ids=None, count=6):
-    """Cache rows to draw: the given image ids, or else the test images with the most boxes."""
-    if ids:
-        known = {i: n for n, i in enumerate(dataset.image_ids)}
-        missing = [i for i in ids if i not in known]
-        if missing:
-            raise data.DataError(f"--map-ids: image {missing[0]} is not in the test set")
-        return [known[i] for i in ids]
-    return sorted((int(n) for n in dataset.indices), key=lambda n: (-len(dataset.boxes(n)), n))[:count]
+def summary(prediction, label_names):
+    """The scores on the test set itself, with each label's counts: what train.py validates on and prints."""
+    point = scores(prediction, np.ones((1, len(prediction[3]))))
+    positives = prediction[2].sum(0).astype(int)
+    per_label = {name: dict(auroc=float(point["per label"][0, k]), positives=int(positives[k]),
+                            negatives=len(prediction[2]) - int(positives[k])) for k, name in enumerate(label_names)}
+    return dict(per_label=per_label, mean_local_auroc=float(point["mean local"][0]),
+                labels_defined=int(np.isfinite(point["per label"][0]).sum()), labels_total=len(label_names),
+                normal_abnormal_auroc=float(point["normal/abnormal"][0]), n_images=len(prediction[3]),
+                n_abnormal=int(np.sum(prediction[3])))
 
 
 def evaluate_checkpoints(paths, dataset, device="cpu", n_boot=1000, pairs=None, write_json=True, seed=0, groups=None):
@@ -324,16 +92,9 @@ def evaluate_checkpoints(paths, dataset, device="cpu", n_boot=1000, pairs=None, 
     results = []
     for path in paths:
         model, ckpt = load_checkpoint(path, device)
-        if ckpt["vit_config"]["img_size"] != dataset.meta["size"]:
-            raise data.DataError(f"{path}: sees {ckpt['vit_config']['img_size']} px images, the test set was decoded at "
-                                 f"{dataset.meta['size']} px (for {paths[0]}); evaluate checkpoints of one --img-size together")
-        if dataset.label_names != ckpt["label_names"]:
-            first = next((k for k, (a, b) in enumerate(zip(ckpt["label_names"], dataset.label_names)) if a != b), None)
-            where = (f"label {first + 1} is '{ckpt['label_names'][first]}', the test set's '{dataset.label_names[first]}'"
-                     if first is not None else f"{len(ckpt['label_names'])} labels, the test set {len(dataset.label_names)}")
-            raise data.DataError(f"{path}: trained on other labels than the test set has ({where})")
+        check_fit(path, ckpt, dataset, paths[0])
         prediction = predict(model, dataset, ckpt["res"], ckpt["norm"], device)
-        result = metrics(*prediction, dataset.label_names)
+        result = summary(prediction, dataset.label_names)
         located = localization_score(model, ckpt, dataset, device)
         located_rows = None
         if located:  # the per-image arrays feed the bootstrap; the result keeps the summary
@@ -344,8 +105,6 @@ def evaluate_checkpoints(paths, dataset, device="cpu", n_boot=1000, pairs=None, 
         if n_boot:
             samples = scores(prediction, weights, index, located_rows)
             result["intervals"] = {k: interval(v) for k, v in samples.items() if k != "per label"}
-            result["mean_local_auroc_ci"] = result["intervals"]["mean local"]
-            result["normal_abnormal_auroc_ci"] = result["intervals"]["normal/abnormal"]
             for k, m in enumerate(result["per_label"].values()):
                 m["ci"] = interval(samples["per label"][:, k]) if not math.isnan(m["auroc"]) else None
             result["_samples"] = samples
@@ -371,9 +130,16 @@ def evaluate_checkpoints(paths, dataset, device="cpu", n_boot=1000, pairs=None, 
     return results
 
 
-def run_name(ckpt):
-    """teacher@224, baseline@28, mlcak@28: the role and the resolution the model sees."""
-    return f"{ckpt['role']}@{ckpt['res']}"
+def check_fit(path, ckpt, dataset, first):
+    """A checkpoint is scored on images of its own size and with its own labels; anything else is one line."""
+    if ckpt["vit_config"]["img_size"] != dataset.meta["size"]:
+        raise data.DataError(f"{path}: sees {ckpt['vit_config']['img_size']} px images, the test set was decoded at "
+                             f"{dataset.meta['size']} px (for {first}); evaluate checkpoints of one --img-size together")
+    if dataset.label_names != ckpt["label_names"]:
+        k = next((k for k, (a, b) in enumerate(zip(ckpt["label_names"], dataset.label_names)) if a != b), None)
+        where = (f"label {k + 1} is '{ckpt['label_names'][k]}', the test set's '{dataset.label_names[k]}'" if k is not None
+                 else f"{len(ckpt['label_names'])} labels, the test set {len(dataset.label_names)}")
+        raise data.DataError(f"{path}: trained on other labels than the test set has ({where})")
 
 
 def label_groups(path):
@@ -384,6 +150,27 @@ def label_groups(path):
         return {}
     with open(file) as f:
         return json.load(f)
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+def number(value, signed=False):
+    """A score as the tables print it: 0.736 (+0.015 with signed), or n/a where it is undefined."""
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def span(ci, signed=False):
+    """An interval as the tables print it: [0.709, 0.761], or n/a."""
+    return "n/a" if math.isnan(ci[0]) else f"[{number(ci[0], signed)}, {number(ci[1], signed)}]"
+
+
+def p_text(p, resamples):
+    """'p = 0.034', 'p < 0.002' when no resample crossed 0 (the bootstrap cannot say more), or 'p n/a'."""
+    if math.isnan(p):
+        return "p n/a"
+    return f"p < {2 / resamples:.3f}" if p == 0 else f"p = {p:.3f}"
 
 
 def format_table(results):
@@ -447,20 +234,6 @@ def markdown_table(results):
     return "\n".join(lines)
 
 
-def hierarchical(samples, rng):
-    """
-    A hierarchical bootstrap over seeds and test images, for seeds scored on one shared test set: samples (S, R)
-    holds S seeds' scores (or paired differences) under R resamples of the test images, column r the same resample
-    of the same images for every seed and every model. Draw r takes S seeds with replacement and averages their
-    values under image resample r: one image resample serves all seeds of a draw, as they all saw those images
-    (resampling the images anew for each seed would treat one test set as S independent ones and shrink the
-    image-level uncertainty by sqrt(S)). Returns (R,).
-    """
-    S, R = samples.shape
-    seeds = rng.integers(0, S, (R, S))  # (R, S): the seeds of each draw
-    return nanmean(samples[seeds, np.arange(R)[:, None]], 1)  # (R, S) -> (R,)
-
-
 def seed_report(results, seed=0):
     """
     Markdown tables over seeds, from evaluate_checkpoints of several seeds' checkpoints on one test set (with
@@ -521,6 +294,8 @@ def seed_report(results, seed=0):
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------ command line
+
 def test_dataset(ckpt, data_path=None, cache_dir=None):
     """The test set a checkpoint names (its cache, else its data source), or the one at data_path."""
     if data_path is None and os.path.isfile(os.path.join(ckpt["data"]["test_cache"], "meta.json")):
@@ -555,18 +330,14 @@ def main(argv=None):
         parser.error(f"--maps {args.maps}: cannot write there ({writable(args.maps)})")
     if args.seeds and not args.bootstrap:
         parser.error("--seeds needs --bootstrap resamples")
-    try:
-        _, first = load_checkpoint(args.checkpoints[0])
-        dataset = test_dataset(first, args.data, args.cache_dir)
-        groups = label_groups(args.data or first["data"]["path"])
-        results = evaluate_checkpoints(args.checkpoints, dataset, device, args.bootstrap, seed=args.seed, groups=groups)
-        if args.maps:
-            rows = pick_rows(dataset, args.map_ids.split(",") if args.map_ids else None, args.num_maps)
-            loaded = [load_checkpoint(p, device) for p in args.checkpoints]
-            count = write_figures(args.maps, dataset, loaded, rows, device)
-    except (data.DataError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    _, first = load_checkpoint(args.checkpoints[0])
+    dataset = test_dataset(first, args.data, args.cache_dir)
+    groups = label_groups(args.data or first["data"]["path"])
+    results = evaluate_checkpoints(args.checkpoints, dataset, device, args.bootstrap, seed=args.seed, groups=groups)
+    if args.maps:
+        rows = pick_rows(dataset, args.map_ids.split(",") if args.map_ids else None, args.num_maps)
+        loaded = [load_checkpoint(p, device) for p in args.checkpoints]
+        count = write_figures(args.maps, dataset, loaded, rows, device)
     print(format_table(results))
     for r in results:
         if r.get("eval_json"):
@@ -577,5 +348,10 @@ def main(argv=None):
         print("\n" + seed_report(results, args.seed))
 
 
+def cli(argv=None):
+    """main, with the command line's exit codes: a bad input is one line on stderr, not a traceback."""
+    return run_cli(main, argv, (data.DataError, CheckpointError), resume=False)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

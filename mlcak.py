@@ -9,10 +9,11 @@ low-resolution ViT student, with two tasks at once (Akhter, Ranjan, Singh, Vatsa
     L_cls   = BCE(z_local, y_local) + CE(z_global, y_global)
     L_KD    = alpha * MSE(sigmoid(z_local^S), sigmoid(z_local^T)) + beta * MSE(softmax(z_global^S), softmax(z_global^T))
               + gamma * MSE(MLCAK^S, MLCAK^T)
-    MLCAK   = (1/N) * sum_i H_i        H_i: layer i's attention averaged over its heads
+    MLCAK   = (1/N) * sum_{i=1..N} H_i      H_i: layer i's attention averaged over its heads; N: the layers used
 
-One short function per idea. The paper's available text leaves open how LR images enter the ViT, what H_i
-and N are exactly, and alpha/beta/gamma; our reading is in each docstring and in README.
+One short function per idea, named as the paper writes it. The paper's available text leaves open how LR images
+enter the ViT, what H_i and N are exactly, and alpha/beta/gamma; our reading is in each docstring and in README.
+Superscripts S and T are the student and the teacher; the teacher's targets are what the student learns from it.
 
 This file imports torch alone; copy it into your project as it is. It expects a model whose
 forward(x, return_attn=True) returns (local_logits, global_logits, attentions), as vit.VisionTransformer does.
@@ -26,10 +27,10 @@ def simulate_low_resolution(hr, res):
     """
     x_LR = up_bicubic(down_antialiased(x_HR, res x res), HR size)
 
-    The HR batch (B, C, S, S) is reduced to res x res with an antialiased (area-like) filter, which is what a
-    low-resolution detector records, then brought back to S x S by bicubic interpolation. The student thus has
-    the teacher's token grid, so the two MLCAK maps can be compared entry by entry (paper Fig. 1:
-    224 -> 112 / 56 / 28). This is the one place where LR images are made.
+    The HR batch (B, C, S, S) is reduced to res x res with an antialiased bilinear (triangle) filter, which averages
+    each low-resolution pixel's footprint as a coarse detector does, then brought back to S x S by bicubic
+    interpolation. The student thus has the teacher's token grid, so the two MLCAK maps can be compared entry by
+    entry (paper Fig. 1: 224 -> 112 / 56 / 28). This is the one place where LR images are made.
     """
     size = hr.shape[-2:]
     if res == size[0] and res == size[1]:
@@ -52,9 +53,9 @@ def model_input(hr, res, norm):
 
 def mlcak_map(attentions, layers=None):
     """
-    MLCAK = (1/N) * sum_{i in layers} H_i,    H_i = (1/heads) * sum_h A_{i,h}
+    MLCAK = (1/N) * sum_{i=1..N} H_i,    H_i = (1/heads) * sum_h A_{i,h}
 
-    attentions: one (B, heads, T, T) tensor per layer (softmax probabilities, as vit.VisionTransformer returns).
+    attentions: one (B, heads, T, T) tensor A_i per layer (softmax probabilities, as vit.VisionTransformer returns).
     layers: indices of the layers to use (negative counts from the end); all layers by default, so N = depth.
     Returns (B, T, T). Heads and layers are averaged away, so teacher and student may differ in width, heads
     and depth; only the token count T has to match between them.
@@ -62,23 +63,13 @@ def mlcak_map(attentions, layers=None):
     if len(attentions) == 0:
         raise ValueError("mlcak_map needs attention matrices: call the model with return_attn=True")
     chosen = attentions if layers is None else [attentions[i] for i in layers]
-    return torch.stack([a.mean(dim=1) for a in chosen]).mean(dim=0)  # N x (B, T, T) -> (N, B, T, T) -> (B, T, T)
+    H = [A_i.mean(dim=1) for A_i in chosen]  # H_i: (B, heads, T, T) -> (B, T, T), one per layer
+    return torch.stack(H).mean(dim=0)        # (1/N) sum_i H_i: N x (B, T, T) -> (N, B, T, T) -> (B, T, T)
 
 
-def classification_loss(local_logits, global_logits, local_targets, global_targets):
+def targets_from_teacher(teacher_out, layers=None):
     """
-    L_cls = BCE-with-logits(z_local, y_local) + CE(z_global, y_global)
-
-    local_targets: (B, L) in {0, 1}; global_targets: (B,) class indices (0 normal, 1 abnormal).
-    """
-    bce = F.binary_cross_entropy_with_logits(local_logits, local_targets.float())
-    ce = F.cross_entropy(global_logits, global_targets)
-    return bce, ce
-
-
-def teacher_targets(teacher_out, layers=None):
-    """
-    What the student learns from the frozen teacher, detached and in float32:
+    The teacher's targets, what the student learns from the frozen teacher, detached and in float32:
 
         p_local^T = sigmoid(z_local^T) (B, L),   p_global^T = softmax(z_global^T) (B, 2),   MLCAK^T (B, T, T)
 
@@ -87,56 +78,75 @@ def teacher_targets(teacher_out, layers=None):
     running the teacher at each step. Float32: under bf16 autocast a probability near 1 moves in steps of 2^-8.
     """
     local, glob, attentions = teacher_out
-    attention_map = mlcak_map(attentions, layers).detach().float() if attentions else None
-    return local.detach().float().sigmoid(), glob.detach().float().softmax(-1), attention_map
+    mlcak_T = mlcak_map(attentions, layers).detach().float() if attentions else None
+    return local.detach().float().sigmoid(), glob.detach().float().softmax(-1), mlcak_T
 
 
-def attention_kd_loss(student_attentions, teacher_map, layers=None):
+def classification_loss(local_logits, global_logits, y_local, y_global):
     """
-    L_MLCAK = MSE(MLCAK^S, MLCAK^T) = mean over (b, t, t') of (MLCAK^S - MLCAK^T)^2
+    L_cls = BCE-with-logits(z_local, y_local) + CE(z_global, y_global)
 
-    teacher_map: the teacher's MLCAK map (B, T, T), a target (teacher_targets gives it). A token-count mismatch is
+    y_local: (B, L) in {0, 1}; y_global: (B,) class indices (0 normal, 1 abnormal). Returns L_cls and its two terms.
+    """
+    cls_local = F.binary_cross_entropy_with_logits(local_logits, y_local.float())
+    cls_global = F.cross_entropy(global_logits, y_global)
+    return cls_local + cls_global, dict(cls_local=cls_local, cls_global=cls_global)
+
+
+def attention_kd_loss(student_attentions, mlcak_T, layers=None):
+    """
+    MSE(MLCAK^S, MLCAK^T) = mean over (b, t, t') of (MLCAK^S - MLCAK^T)^2
+
+    mlcak_T: the teacher's MLCAK map (B, T, T), a target (targets_from_teacher gives it). A token-count mismatch is
     an error, not a broadcast.
     """
-    student_map = mlcak_map(student_attentions, layers).float()
-    if student_map.shape != teacher_map.shape:
+    mlcak_S = mlcak_map(student_attentions, layers).float()
+    if mlcak_S.shape != mlcak_T.shape:
         raise ValueError(
-            f"MLCAK maps differ in shape: student {tuple(student_map.shape)} vs teacher {tuple(teacher_map.shape)}; "
+            f"MLCAK maps differ in shape: student {tuple(mlcak_S.shape)} vs teacher {tuple(mlcak_T.shape)}; "
             "teacher and student need the same number of tokens (img_size / patch_size)"
         )
-    return F.mse_loss(student_map, teacher_map.detach())
+    return F.mse_loss(mlcak_S, mlcak_T.detach())
 
 
-def joint_loss(student_out, targets, teacher=None, alpha=1.0, beta=1.0, gamma=1000.0, layers=None):
+def distillation_loss(student_out, teacher_targets, alpha=1.0, beta=1.0, gamma=1000.0, layers=None):
     """
-    L_joint = L_KD + L_cls
-    L_KD    = alpha * MSE(p_local^S, p_local^T) + beta * MSE(p_global^S, p_global^T) + gamma * MSE(MLCAK^S, MLCAK^T)
+    L_KD = alpha * MSE(p_local^S, p_local^T) + beta * MSE(p_global^S, p_global^T) + gamma * MSE(MLCAK^S, MLCAK^T)
     p_local = sigmoid(z_local), p_global = softmax(z_global)
 
     The task terms compare probabilities, not logits: a confident teacher's logits are large, and their MSE
     outweighs L_cls many times over, spending the student's effort on saturated tails that change no prediction;
-    probabilities weight the region where the decision is made (README, "Our reading of the paper").
-    student_out: (local_logits, global_logits, attentions) from the student's forward.
-    targets: (local_targets (B, L), global_targets (B,)).
-    teacher: teacher_targets(teacher_out) for the same images, or None for the baseline, L_cls alone. gamma = 0
+    probabilities weight the region where the decision is made (README, "Our reading of the paper"). gamma = 0
     skips the attention term (then neither model need return attentions). The default gamma is large because
     attention probabilities are about 1/T each, so the raw MSE of two maps is small (README, "Our reading").
-
-    Returns (total, terms): terms maps each named part to a detached float tensor, for logging.
+    Returns L_KD and its terms.
     """
-    s_local, s_global, s_attn = student_out
-    bce, ce = classification_loss(s_local, s_global, *targets)
-    total = bce + ce
-    terms = {"cls_local": bce, "cls_global": ce}
-    if teacher is not None:
-        p_local, p_global, teacher_map = teacher
-        kd_local = F.mse_loss(s_local.float().sigmoid(), p_local)         # (B, L), in float32 as the targets
-        kd_global = F.mse_loss(s_global.float().softmax(-1), p_global)    # (B, 2)
-        total = total + alpha * kd_local + beta * kd_global
-        terms.update(kd_local=kd_local, kd_global=kd_global)
-        if gamma:
-            kd_attn = attention_kd_loss(s_attn, teacher_map, layers)
-            total = total + gamma * kd_attn
-            terms["kd_attn"] = kd_attn
-    terms["total"] = total
-    return total, {k: v.detach() for k, v in terms.items()}
+    local_logits, global_logits, attentions = student_out
+    p_local_T, p_global_T, mlcak_T = teacher_targets
+    kd_local = F.mse_loss(local_logits.float().sigmoid(), p_local_T)        # (B, L), in float32 as the targets
+    kd_global = F.mse_loss(global_logits.float().softmax(-1), p_global_T)  # (B, 2)
+    l_kd, terms = alpha * kd_local + beta * kd_global, dict(kd_local=kd_local, kd_global=kd_global)
+    if gamma:
+        terms["kd_attn"] = attention_kd_loss(attentions, mlcak_T, layers)
+        l_kd = l_kd + gamma * terms["kd_attn"]
+    return l_kd, terms
+
+
+def joint_loss(student_out, labels, teacher_targets=None, alpha=1.0, beta=1.0, gamma=1000.0, layers=None):
+    """
+    L_joint = L_KD + L_cls                      (the mlcak student)
+    L_joint = L_cls                             (the baseline and the teacher: teacher_targets is None)
+
+    student_out: (local_logits, global_logits, attentions) from the student's forward; labels: (y_local (B, L),
+    y_global (B,)); teacher_targets: targets_from_teacher(teacher_out) for the same images. Returns (L_joint, terms):
+    terms maps each named part (cls_local, cls_global, kd_local, kd_global, kd_attn, total) to a detached tensor, for
+    the log.
+    """
+    l_cls, terms = classification_loss(student_out[0], student_out[1], *labels)
+    l_joint = l_cls
+    if teacher_targets is not None:
+        l_kd, kd_terms = distillation_loss(student_out, teacher_targets, alpha, beta, gamma, layers)
+        l_joint = l_kd + l_cls
+        terms.update(kd_terms)
+    terms["total"] = l_joint
+    return l_joint, {k: v.detach() for k, v in terms.items()}

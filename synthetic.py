@@ -23,9 +23,8 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from data import NotReady, progress_line
 from layouts import GLOBAL_LABELS, LOCAL_LABELS
-from runtime import Lock
+from runtime import Lock, NotReady, progress_line
 
 VERSION = 2  # of the generator: a change of drawing makes a new set
 

@@ -11,7 +11,9 @@ from PIL import Image
 from pydicom.uid import JPEGLSLossless
 
 import data
+import decode
 import layouts
+import runtime
 import synthetic
 from helpers import RAMP, vindr_folder, write_dicom, write_image, write_rows
 
@@ -20,8 +22,8 @@ SHARED = os.path.join(ROOT, "..", "shared", "dicom")
 
 
 def test_monochrome1_and_monochrome2_of_the_same_pixels_decode_to_inverse_images(tmp_path):
-    mono2 = data.read_dicom(write_dicom(tmp_path / "m2.dcm", RAMP, "MONOCHROME2"))
-    mono1 = data.read_dicom(write_dicom(tmp_path / "m1.dcm", RAMP, "MONOCHROME1"))
+    mono2 = decode.read_dicom(write_dicom(tmp_path / "m2.dcm", RAMP, "MONOCHROME2"))
+    mono1 = decode.read_dicom(write_dicom(tmp_path / "m1.dcm", RAMP, "MONOCHROME1"))
     assert mono2.dtype == np.float32 and mono2.min() == 0 and mono2.max() == 1
     np.testing.assert_allclose(mono1, 1 - mono2, atol=1e-6)
     assert mono2[0, -1] == 1  # the highest stored value is white in MONOCHROME2
@@ -32,10 +34,10 @@ def test_window_is_applied_after_rescale_and_before_monochrome1_inversion(tmp_pa
     path = write_dicom(tmp_path / "w.dcm", RAMP, "MONOCHROME2", RescaleSlope=2, RescaleIntercept=-1000,
                        WindowCenter=3000, WindowWidth=2000)
     expected = np.clip((2 * RAMP - 1000 - 2000) / 2000, 0, 1)
-    np.testing.assert_allclose(data.read_dicom(path), expected, atol=1e-6)
+    np.testing.assert_allclose(decode.read_dicom(path), expected, atol=1e-6)
     path1 = write_dicom(tmp_path / "w1.dcm", RAMP, "MONOCHROME1", RescaleSlope=2, RescaleIntercept=-1000,
                         WindowCenter=3000, WindowWidth=2000)
-    np.testing.assert_allclose(data.read_dicom(path1), 1 - expected, atol=1e-6)
+    np.testing.assert_allclose(decode.read_dicom(path1), 1 - expected, atol=1e-6)
 
 
 def test_a_voi_lut_keeps_its_output_range_and_warns_nothing(tmp_path, recwarn):
@@ -45,7 +47,7 @@ def test_a_voi_lut_keeps_its_output_range_and_warns_nothing(tmp_path, recwarn):
     item.add_new(0x00283002, "US", [4001, 0, 12])  # LUT Descriptor: entries, first stored value, bits
     item.add_new(0x00283006, "US", np.linspace(400, 1600, 4001).round().astype(int).tolist())  # LUT Data
     path = write_dicom(tmp_path / "lut.dcm", RAMP, RescaleSlope=1, RescaleIntercept=0, VOILUTSequence=[item])
-    image = data.read_dicom(str(path))
+    image = decode.read_dicom(str(path))
     assert image.min() == pytest.approx(400 / 4095, abs=1e-6) and image.max() == pytest.approx(1600 / 4095, abs=1e-6)
     assert not [w for w in recwarn if "VOI LUT" in str(w.message)]
 
@@ -53,13 +55,13 @@ def test_a_voi_lut_keeps_its_output_range_and_warns_nothing(tmp_path, recwarn):
 def test_a_rescale_slope_of_zero_or_a_constant_image_is_refused_by_name(tmp_path):
     flat = write_dicom(tmp_path / "slope0.dcm", RAMP, RescaleSlope=0, RescaleIntercept=0)
     with pytest.raises(data.DataError, match=r"slope0\.dcm: every pixel decodes to the same grey \(its RescaleSlope is 0\)"):
-        data.read_dicom(str(flat))
+        decode.read_dicom(str(flat))
     Image.fromarray(np.full((20, 20), 90, np.uint8)).save(tmp_path / "flat.png")
     with pytest.raises(data.DataError, match=r"flat\.png: every pixel is the same grey"):
-        data.read_image(str(tmp_path / "flat.png"))
+        decode.read_image(str(tmp_path / "flat.png"))
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(data.DataError, match=r"empty\.png: an empty file"):
-        data.read_image(str(tmp_path / "empty.png"))
+        decode.read_image(str(tmp_path / "empty.png"))
 
 
 def test_a_jpeg_is_turned_upright_by_its_exif_orientation(tmp_path):
@@ -69,7 +71,7 @@ def test_a_jpeg_is_turned_upright_by_its_exif_orientation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
     stored.save(tmp_path / "side.jpg", exif=exif, quality=95)
-    image = data.read_image(str(tmp_path / "side.jpg"))
+    image = decode.read_image(str(tmp_path / "side.jpg"))
     assert image.shape == (20, 40) and image[:, :15].mean() > 0.9 and image[:, 25:].mean() < 0.1
 
 
@@ -77,14 +79,14 @@ def test_a_dicom_without_file_meta_decodes_like_one_with_it(tmp_path):
     with_meta = write_dicom(tmp_path / "meta.dcm", RAMP, "MONOCHROME1", WindowCenter=2000, WindowWidth=3000)
     without = write_dicom(tmp_path / "old.dcm", RAMP, "MONOCHROME1", file_meta=False, WindowCenter=2000, WindowWidth=3000)
     assert open(without, "rb").read(132)[128:132] != b"DICM"  # really no preamble and no meta header
-    np.testing.assert_array_equal(data.read_dicom(str(without)), data.read_dicom(str(with_meta)))
+    np.testing.assert_array_equal(decode.read_dicom(str(without)), decode.read_dicom(str(with_meta)))
 
 
 def test_a_colour_dicom_is_made_grey_and_a_multi_frame_one_is_named(tmp_path):
     rgb = np.zeros((8, 16, 3))
     rgb[:, :8, 0] = 4095  # left half pure red, right half pure blue, at the 12-bit maximum
     rgb[:, 8:, 2] = 4095
-    image = data.read_dicom(str(write_dicom(tmp_path / "rgb.dcm", rgb, "RGB")))
+    image = decode.read_dicom(str(write_dicom(tmp_path / "rgb.dcm", rgb, "RGB")))
     assert image.shape == (8, 16)
     np.testing.assert_allclose(image[:, :8], 0.299, atol=1e-6)  # the luma of red and of blue
     np.testing.assert_allclose(image[:, 8:], 0.114, atol=1e-6)
@@ -93,28 +95,28 @@ def test_a_colour_dicom_is_made_grey_and_a_multi_frame_one_is_named(tmp_path):
     frames_ds.Rows = 8  # two 8 x 16 frames, one after the other
     frames_ds.save_as(frames)
     with pytest.raises(data.DataError, match=r"frames\.dcm: a DICOM of 2 frames; a radiograph has one"):
-        data.read_dicom(str(frames))
+        decode.read_dicom(str(frames))
 
 
 def test_compressed_syntax_without_plugin_names_what_to_install(tmp_path):
     path = write_dicom(tmp_path / "ls.dcm", RAMP, syntax=JPEGLSLossless)
     with pytest.raises(data.DataError, match=r"ls\.dcm.*pip install pylibjpeg pylibjpeg-libjpeg"):
-        data.read_dicom(str(path))
+        decode.read_dicom(str(path))
 
 
 def test_corrupt_dicom_is_reported_by_name(tmp_path):
     path = tmp_path / "broken.dicom"
     path.write_bytes(b"DICM" + os.urandom(50))
     with pytest.raises(data.DataError, match="broken.dicom"):
-        data.read_dicom(str(path))
+        decode.read_dicom(str(path))
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/dicom is not here (a user's clone)")
 def test_real_radiographs_decode_with_dark_lungs_or_name_their_plugin():
-    no_meta = data.read_dicom(os.path.join(SHARED, "chest-cr-mono1-10bit-no-meta.dcm"))
+    no_meta = decode.read_dicom(os.path.join(SHARED, "chest-cr-mono1-10bit-no-meta.dcm"))
     assert no_meta.shape == (440, 440) and 0.2 < no_meta.mean() < 0.8
-    mono2 = data.read_dicom(os.path.join(SHARED, "chest-cr-mono2-jpeg-baseline.dcm"))
-    mono1 = data.read_dicom(os.path.join(SHARED, "chest-cr-same-pixels-tagged-mono1.dcm"))
+    mono2 = decode.read_dicom(os.path.join(SHARED, "chest-cr-mono2-jpeg-baseline.dcm"))
+    mono1 = decode.read_dicom(os.path.join(SHARED, "chest-cr-same-pixels-tagged-mono1.dcm"))
     np.testing.assert_allclose(mono1, 1 - mono2, atol=1e-6)  # the same pixels, tagged MONOCHROME1: inverted
     for image in (no_meta, mono2):  # a chest radiograph shown right: lungs (left and right of centre) darker than the spine
         h, w = image.shape
@@ -122,7 +124,7 @@ def test_real_radiographs_decode_with_dark_lungs_or_name_their_plugin():
         assert lungs / 2 < image[h // 3:2 * h // 3, 9 * w // 20:11 * w // 20].mean()
     for name in ("chest-cr-mono1-15bit-jpeg2000.dcm", "chest-cr-mono1-15bit-jpegls.dcm", "cr-mono1-jpeg-lossless-modality-lut-seq.dcm"):
         try:
-            image = data.read_dicom(os.path.join(SHARED, name))
+            image = decode.read_dicom(os.path.join(SHARED, name))
             assert image.dtype == np.float32 and 0 <= image.min() < image.max() <= 1
         except data.DataError as err:  # no decoder installed: the message names the file and what to install
             assert name in str(err) and "pip install pylibjpeg" in str(err)
@@ -131,9 +133,9 @@ def test_real_radiographs_decode_with_dark_lungs_or_name_their_plugin():
 def test_a_16_bit_png_of_12_bit_values_keeps_its_grey_levels(tmp_path):
     values = np.tile(np.arange(0, 4096, 4, dtype=np.uint16), (64, 1))  # 12-bit values in a 16-bit PNG
     Image.fromarray(values).save(tmp_path / "x.png")
-    image = data.read_image(str(tmp_path / "x.png"))
+    image = decode.read_image(str(tmp_path / "x.png"))
     assert image.min() == 0 and image.max() == 1
-    assert len(np.unique(data.resize_uint8(image, 256))) > 200  # not 17 levels, as with a division by 65535
+    assert len(np.unique(decode.resize_uint8(image, 256))) > 200  # not 17 levels, as with a division by 65535
 
 
 def test_csv_with_8_and_16_bit_pngs_a_byte_order_mark_and_an_excel_header(tmp_path):
@@ -146,7 +148,7 @@ def test_csv_with_8_and_16_bit_pngs_a_byte_order_mark_and_an_excel_header(tmp_pa
     train = layouts.load_source(str(tmp_path / "set.csv"), "train")
     assert train.label_names == ["Pneumonia", "Effusion"] and train.local.tolist() == [[1, 0], [0, 0]]
     assert train.abnormal.tolist() == [1, 0]
-    assert abs(data.read_image(train.paths[0]).mean() - 128 / 255) < 1e-6
+    assert abs(decode.read_image(train.paths[0]).mean() - 128 / 255) < 1e-6
     folder = data.build_cache(train, 16, str(tmp_path / "cache"), workers=1, verbose=False)
     ds = data.XrayDataset(folder)
     assert ds[0][0].shape == (1, 16, 16) and abs(ds[0][0].mean().item() - 128 / 255) < 0.01
@@ -215,7 +217,7 @@ def test_cache_round_trip_with_boxes_and_a_corrupt_file_skipped(tmp_path):
     skipped = open(os.path.join(folder, "skipped.txt")).read()
     assert "b.dicom" in skipped and "a.dicom" not in skipped
     image, local, abnormal, index = ds[0]
-    expected = data.resize_uint8(data.read_dicom(str(root / "train" / "a.dicom")), 32)
+    expected = decode.resize_uint8(decode.read_dicom(str(root / "train" / "a.dicom")), 32)
     np.testing.assert_array_equal((image[0].numpy() * 255).round(), expected)
     assert local.shape == (22,) and abnormal == 1 and index == 0
     np.testing.assert_allclose(ds.boxes(0), [[3, 2 * 32 / 16, 1 * 32 / 8, 6 * 32 / 16, 4 * 32 / 8]])
@@ -312,7 +314,7 @@ def test_interrupted_cache_build_resumes_where_it_stopped(tmp_path, monkeypatch)
     ds = data.XrayDataset(folder)
     assert len(ds) == 12
     for n in range(12):
-        np.testing.assert_array_equal(ds.images[n], data.resize_uint8(data.read_dicom(source.paths[n]), 24))
+        np.testing.assert_array_equal(ds.images[n], decode.resize_uint8(decode.read_dicom(source.paths[n]), 24))
 
 
 def synthetic_train(tmp_path):
@@ -341,12 +343,12 @@ def test_a_truncated_cache_is_said_and_rebuilt_never_read_as_black_images(tmp_pa
     assert f"cache: {folder} is damaged (images.npy" in capsys.readouterr().out
     ds = data.XrayDataset(folder)
     assert len(ds) == 12 and all(ds.images[n].max() > 0 for n in range(12))
-    np.testing.assert_array_equal(ds.images[11], data.resize_uint8(data.read_dicom(source.paths[11]), 24))
+    np.testing.assert_array_equal(ds.images[11], decode.resize_uint8(decode.read_dicom(source.paths[11]), 24))
 
 
 def test_another_process_waits_for_a_cache_it_does_not_build(tmp_path):
     source, cache = synthetic_train(tmp_path)
-    with pytest.raises(data.NotReady):
+    with pytest.raises(runtime.NotReady):
         data.build_cache(source, 24, cache, verbose=False, create=False)
     folder = data.build_cache(source, 24, cache, workers=1, verbose=False)
     assert data.build_cache(source, 24, cache, verbose=False, create=False) == folder

@@ -3,8 +3,19 @@ import math
 import numpy as np
 import pytest
 
-from evaluate import (attention_maps, auroc, bootstrap, box_mask, colorize, format_table, interval, localization, metrics,
-                      paired_difference, pick_rows, write_figures)
+from bootstrap import auroc_rows, image_weights, interval, paired_difference
+from evaluate import format_table, scores, summary
+from maps import attention_maps, box_mask, colorize, localization, pick_rows, write_figures
+
+
+def auroc(y, s):
+    return float(auroc_rows(y, s)[0])
+
+
+def bootstrap(predictions, n_boot=1000, seed=0):
+    """Each model's scores under n_boot resamples of the test images, the same resamples for every model."""
+    weights = image_weights(len(predictions[0][3]), n_boot, np.random.default_rng(seed))
+    return [scores(p, weights) for p in predictions]
 
 
 def brute_force_auroc(y, s):
@@ -36,8 +47,8 @@ def test_auroc_is_nan_for_one_class():
 
 def test_mean_is_over_defined_labels_with_their_count():
     y_local = np.array([[1, 0, 0], [0, 0, 1], [1, 0, 0], [0, 0, 1]])
-    scores = np.array([[0.9, 0.1, 0.2], [0.1, 0.1, 0.3], [0.8, 0.2, 0.4], [0.2, 0.3, 0.1]])
-    m = metrics(scores, np.array([0.9, 0.1, 0.8, 0.4]), y_local, np.array([1, 0, 1, 0]), ["a", "b", "c"])
+    local = np.array([[0.9, 0.1, 0.2], [0.1, 0.1, 0.3], [0.8, 0.2, 0.4], [0.2, 0.3, 0.1]])
+    m = summary((local, np.array([0.9, 0.1, 0.8, 0.4]), y_local, np.array([1, 0, 1, 0])), ["a", "b", "c"])
     assert m["per_label"]["a"] == {"auroc": 1.0, "positives": 2, "negatives": 2}
     assert math.isnan(m["per_label"]["b"]["auroc"]) and m["per_label"]["b"]["positives"] == 0
     assert m["per_label"]["c"]["auroc"] == 0.25
@@ -56,16 +67,16 @@ def test_bootstrap_of_a_perfect_score_gives_one_with_interval_one():
     y = rng.integers(0, 2, (200, 3))
     y_abn = y.any(1).astype(int)
     (b,) = bootstrap([predictions(y + 0.1 * rng.random(y.shape), y, y_abn, y_abn)], n_boot=200)
-    assert interval(b["mean_local_auroc"]) == [1.0, 1.0] and interval(b["normal_abnormal_auroc"]) == [1.0, 1.0]
+    assert interval(b["mean local"]) == [1.0, 1.0] and interval(b["normal/abnormal"]) == [1.0, 1.0]
 
 
 def test_bootstrap_interval_of_random_scores_covers_one_half():
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, (300, 4))
     (b,) = bootstrap([predictions(rng.random(y.shape), y, rng.random(300), y[:, 0])], n_boot=500)
-    low, high = interval(b["mean_local_auroc"])
+    low, high = interval(b["mean local"])
     assert low < 0.5 < high and high - low < 0.15
-    low, high = interval(b["normal_abnormal_auroc"])
+    low, high = interval(b["normal/abnormal"])
     assert low < 0.5 < high
 
 
@@ -76,7 +87,7 @@ def test_bootstrap_resamples_agree_with_auroc_on_each_resample():
     idx = np.random.default_rng(3).integers(0, 50, (5, 50))
     for r in range(5):
         expected = np.nanmean([auroc(y[idx[r], k], s[idx[r], k]) for k in range(2)])
-        assert b["mean_local_auroc"][r] == pytest.approx(expected)
+        assert b["mean local"][r] == pytest.approx(expected)
 
 
 def test_paired_bootstrap_of_a_model_against_itself_is_zero():
@@ -84,7 +95,7 @@ def test_paired_bootstrap_of_a_model_against_itself_is_zero():
     y = rng.integers(0, 2, (100, 2))
     p = predictions(rng.random(y.shape), y, rng.random(100), y[:, 0])
     a, b = bootstrap([p, p], n_boot=100)
-    d = paired_difference(0.7, 0.7, a["mean_local_auroc"], b["mean_local_auroc"])
+    d = paired_difference(0.7, 0.7, a["mean local"], b["mean local"])
     assert d == {"difference": 0.0, "ci": [0.0, 0.0], "p_value": 1.0, "resamples": 100}
 
 
@@ -94,7 +105,7 @@ def test_paired_difference_detects_a_clearly_better_model():
     good = predictions(y + rng.normal(0, 0.5, y.shape), y, y[:, 0] + rng.normal(0, 0.5, 300), y[:, 0])
     bad = predictions(rng.random(y.shape), y, rng.random(300), y[:, 0])
     a, b = bootstrap([bad, good], n_boot=300)
-    d = paired_difference(0.5, 0.84, a["mean_local_auroc"], b["mean_local_auroc"])
+    d = paired_difference(0.5, 0.84, a["mean local"], b["mean local"])
     assert d["ci"][0] > 0 and d["p_value"] < 0.01
 
 
@@ -146,7 +157,6 @@ def test_map_figures_have_one_panel_per_checkpoint_plus_the_input(tmp_path):
 def seed_results(gain, seeds=4, n=200):
     """evaluate_checkpoints-like results of baseline and mlcak over seeds, all scored on one test set with one set of
     image resamples (as evaluate_checkpoints shares them); mlcak's scores are `gain` less noisy."""
-    from evaluate import image_weights, scores
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, (n, 3))
     weights = image_weights(n, 300, rng)

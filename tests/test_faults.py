@@ -1,5 +1,5 @@
 """Nothing silently wrong: each bad input or failed run ends in one line and the right exit code, and nothing
-untrained, NaN or half-written is saved or reused (train.cli and evaluate.main, in this process)."""
+untrained, NaN or half-written is saved or reused (train.cli and evaluate.cli, in this process)."""
 
 import os
 import resource
@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import data
-import layouts
 import evaluate
+import layouts
+import runtime
 import train
 from helpers import class_folders, write_image, write_rows
 from runtime import CheckpointError, save_checkpoint
@@ -102,7 +103,7 @@ def test_non_finite_weights_are_never_written_nor_reused(tmp_path):
     with pytest.raises(CheckpointError, match="not written: 1 tensors hold NaN"):
         save_checkpoint(str(tmp_path / "last.pt"), model, epoch=1)
     torch.save(dict(model=model.state_dict(), vit_config={}, epoch=1), tmp_path / "last.pt")  # written by other means
-    assert not train.finished(str(tmp_path), 1)  # trained again, not reused
+    assert not runtime.finished(str(tmp_path), 1)  # trained again, not reused
 
 
 def test_a_run_of_zero_steps_is_refused_not_saved_as_finished(tiny, tmp_path, capsys):
@@ -203,10 +204,9 @@ def test_a_pickle_that_would_run_code_names_what_was_refused(tmp_path, capsys):
             return (os.system, ("echo this must never run",))
 
     torch.save({"model": Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(SystemExit) as exit:
-        evaluate.main([str(tmp_path / "evil.pt")])
+    code = evaluate.cli([str(tmp_path / "evil.pt")])
     out, err = capsys.readouterr()
-    assert exit.value.code == 1 and one_line(err) and "this must never run" not in out
+    assert code == 1 and one_line(err) and "this must never run" not in out
     assert f"{tmp_path / 'evil.pt'}: not a plain-tensor checkpoint: it holds a pickled posix.system, which was refused" in err
 
 
@@ -227,7 +227,7 @@ def test_repeated_resolutions_are_trained_and_shown_once(capsys):
 def run_folders(*flags, device="cpu"):
     """The run folders RunFolders names for these flags on a fixed dataset: (teacher, baseline@28, mlcak@28)."""
     args = train.parse_args(["--out", "/tmp", *flags])
-    folders = train.RunFolders(args, dict(train_cache="/c/vindr-train-224-a", test_cache="/c/vindr-test-224-b"),
+    folders = runtime.RunFolders(args, dict(train_cache="/c/vindr-train-224-a", test_cache="/c/vindr-test-224-b"),
                                torch.device(device))
     return folders.teacher, folders.student("baseline", 28), folders.student("mlcak", 28)
 
@@ -271,9 +271,9 @@ def test_the_other_flags_that_change_numbers_name_new_folders_too(tmp_path):
 
 def test_every_flag_is_either_in_the_run_folder_name_or_said_not_to_change_the_numbers():
     every = {a.dest for a in train.build_parser()._actions} - {"help"}
-    assert every == set(train.FLAGS_THAT_MATTER) | set(train.FLAGS_THAT_DO_NOT) | set(train.FLAGS_THAT_CHOOSE_RUNS)
+    assert every == set(runtime.FLAGS_THAT_MATTER) | set(runtime.FLAGS_THAT_DO_NOT) | set(runtime.FLAGS_THAT_CHOOSE_RUNS)
     described = " ".join(train.build_parser().description.split())
-    for flag in train.FLAGS_THAT_DO_NOT:
+    for flag in runtime.FLAGS_THAT_DO_NOT:
         assert f"--{flag.replace('_', '-')}" in described, flag
 
 

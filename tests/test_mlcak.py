@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from mlcak import attention_kd_loss, joint_loss, mlcak_map, simulate_low_resolution, teacher_targets
+from mlcak import attention_kd_loss, joint_loss, mlcak_map, simulate_low_resolution, targets_from_teacher
 from vit import ViTConfig, VisionTransformer
 
 
@@ -71,7 +71,7 @@ def test_kd_terms_vanish_when_student_equals_teacher():
     x, targets = batch()
     model = tiny_vit()
     out = model(x, return_attn=True)
-    _, terms = joint_loss(out, targets, teacher=teacher_targets(out), alpha=1, beta=1, gamma=1000)
+    _, terms = joint_loss(out, targets, teacher_targets=targets_from_teacher(out), alpha=1, beta=1, gamma=1000)
     assert terms["kd_local"] == 0 and terms["kd_global"] == 0 and terms["kd_attn"] == 0
     torch.testing.assert_close(terms["total"], terms["cls_local"] + terms["cls_global"])
 
@@ -81,20 +81,20 @@ def test_kd_task_terms_compare_probabilities():
     targets = (torch.zeros(B, L), torch.zeros(B, dtype=torch.long))
     student = (torch.zeros(B, L), torch.zeros(B, 2), [])
     teacher = (torch.full((B, L), math.log(3)), torch.tensor([[math.log(3), 0.0]] * B), [])
-    _, terms = joint_loss(student, targets, teacher=teacher_targets(teacher), gamma=0)
+    _, terms = joint_loss(student, targets, teacher_targets=targets_from_teacher(teacher), gamma=0)
     # sigmoid(log 3) = 0.75 against 0.5; softmax([log 3, 0]) = [0.75, 0.25] against [0.5, 0.5]
     torch.testing.assert_close(terms["kd_local"], torch.tensor(0.0625))
     torch.testing.assert_close(terms["kd_global"], torch.tensor(0.0625))
     saturated = (torch.full((B, L), 20.0), torch.tensor([[20.0, -20.0]] * B), [])
     confident = (torch.full((B, L), 30.0), torch.tensor([[30.0, -30.0]] * B), [])
-    _, terms = joint_loss(saturated, targets, teacher=teacher_targets(confident), gamma=0)
+    _, terms = joint_loss(saturated, targets, teacher_targets=targets_from_teacher(confident), gamma=0)
     assert terms["kd_local"] < 1e-8 and terms["kd_global"] < 1e-8  # logits 10 apart, the same decision
 
 
 def test_kd_probabilities_are_float32_under_bf16_so_confident_outputs_still_learn():
     # logits 6 and 7: probabilities 0.9975 and 0.9991, the same number in bf16 (steps of 2^-8 near 1)
     student = (torch.full((4, 3), 6.0, dtype=torch.bfloat16), torch.zeros(4, 2, dtype=torch.bfloat16), [])
-    teacher = teacher_targets((torch.full((4, 3), 7.0, dtype=torch.bfloat16), torch.zeros(4, 2, dtype=torch.bfloat16), []))
+    teacher = targets_from_teacher((torch.full((4, 3), 7.0, dtype=torch.bfloat16), torch.zeros(4, 2, dtype=torch.bfloat16), []))
     assert teacher[0].dtype == torch.float32
     _, terms = joint_loss(student, (torch.ones(4, 3), torch.zeros(4, dtype=torch.long)), teacher, gamma=0)
     torch.testing.assert_close(terms["kd_local"], (torch.sigmoid(torch.tensor(6.0)) - torch.sigmoid(torch.tensor(7.0))) ** 2)
@@ -114,7 +114,7 @@ def test_gradients_reach_every_student_parameter_and_no_teacher_parameter():
     x, targets = batch()
     teacher, student = tiny_vit(embed_dim=48, depth=3, num_heads=4, seed=1), tiny_vit(seed=2)
     teacher_out = teacher(x, return_attn=True)  # with grad enabled on purpose: the loss must still cut it
-    total, _ = joint_loss(student(x, return_attn=True), targets, teacher_targets(teacher_out), gamma=1000)
+    total, _ = joint_loss(student(x, return_attn=True), targets, targets_from_teacher(teacher_out), gamma=1000)
     total.backward()
     for name, p in student.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -141,7 +141,7 @@ def test_a_few_steps_on_one_batch_lower_the_joint_loss():
     x = (x - 0.5) / 0.25  # normalized, as train.py feeds the models
     teacher, student = tiny_vit(seed=1).eval(), tiny_vit(seed=2)
     with torch.no_grad():
-        teacher = teacher_targets(teacher(x, return_attn=True))
+        teacher = targets_from_teacher(teacher(x, return_attn=True))
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     losses = []
     for _ in range(30):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import runtime
 import synthetic
 import train
 
@@ -145,16 +146,16 @@ def test_stage_data_gives_the_same_batches_from_memory_and_streamed(tiny, monkey
     dataset = data.XrayDataset(cache)
     args = train.parse_args(["--batch-size", "8", "--out", str(tmp / "stage")])
     teacher = VisionTransformer(ViTConfig(num_local=22, **VARIANTS["vit_cpu"])).eval()
-    make = lambda: train.StageData(dataset, 28, teacher, True, lambda: torch.autocast("cpu", enabled=False), args,
-                                   train.Ddp(torch.device("cpu")))
+    make = lambda: data.StageData(dataset, 28, teacher, True, lambda: torch.autocast("cpu", enabled=False), args,
+                                  runtime.Ddp(torch.device("cpu")))
     kept = make()
-    monkeypatch.setattr(train.StageData, "LIMIT", 0)  # as if the table did not fit in memory
+    monkeypatch.setattr(data.StageData, "LIMIT", 0)  # as if the table did not fit in memory
     streamed = make()
     assert kept.table is not None and streamed.table is None and kept.steps == streamed.steps == len(dataset) // 8
     for a, b in zip(kept.batches(1), streamed.batches(1)):
-        for x, y in zip(a[:3], b[:3]):  # model input and labels: the same values
+        for x, y in zip((a[0], *a[1]), (b[0], *b[1])):  # model input and labels: the same values
             assert torch.equal(x, y)
-        for x, y in zip(a[3], b[3]):  # the teacher's targets: computed in batches of another size
+        for x, y in zip(a[2], b[2]):  # the teacher's targets: computed in batches of another size
             torch.testing.assert_close(x, y)
 
 
