@@ -27,7 +27,7 @@ import torch.nn as nn
 
 import data
 import layouts
-import runtime
+import runs
 import synthetic
 import train
 from mlcak import joint_loss, model_input, targets_from_teacher
@@ -183,9 +183,9 @@ def bench_loop(args, device, epochs=3):
             "--log-every", "1000000"] + (["--amp"] if args.amp else [])
     argv += (["--data", args.data] if args.data else []) + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
     targs = train.parse_args(argv)
-    ddp = runtime.Ddp(device, True)
+    ddp = runs.Ddp(device, True)
     with out, contextlib.redirect_stdout(io.StringIO()):  # the data's and the loop's own progress lines
-        train_set, val_set, _, info = data.load_splits(targs, runtime.Clock())
+        train_set, val_set, _, info = data.load_splits(targs, runs.Clock())
         cfg = ViTConfig(num_local=len(train_set.label_names), **VARIANTS["vit_cpu"])
         teacher = VisionTransformer(cfg).to(device).eval().requires_grad_(False)
         rates = {}

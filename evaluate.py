@@ -7,6 +7,7 @@ intervals (bootstrap.py) and the localization of each model's attention (maps.py
     python evaluate.py CKPT --data /data/vindr-cxr      # another dataset than the one the checkpoint names
     python evaluate.py CKPT... --maps figures/          # attention maps over the images (the paper's Fig. 3)
     python evaluate.py runs/*/best.pt --seeds           # runs of several seeds: tables over seeds, pooled tests
+    python evaluate.py CKPT... --images scans/ x.dcm    # your own X-rays, unlabelled: predictions.csv (predict.py)
 
 A student checkpoint is evaluated at its own resolution (the HR test image, reduced by
 mlcak.simulate_low_resolution). Each checkpoint gets a JSON file beside it (best.pt -> best.eval.json).
@@ -19,30 +20,13 @@ import os
 import sys
 
 import numpy as np
-import torch
 
 import data
 import layouts
 from bootstrap import auroc_rows, hierarchical, image_weights, interval, mean_over_defined, p_value, paired_difference
 from maps import localization_score, pick_rows, write_figures
-from mlcak import model_input
+from predict import predict, predict_images
 from runtime import CheckpointError, Parser, load_checkpoint, pick_device, run_cli, run_name, writable
-
-
-@torch.no_grad()
-def predict(model, dataset, res, norm, device, batch_size=32):
-    """Returns local probabilities (N, L), P(abnormal) (N,), and the matching targets, in dataset order."""
-    model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    local, abnormal, y_local, y_abnormal = [], [], [], []
-    for images, targets, target_abnormal, _ in loader:
-        z_local, z_global, _ = model(model_input(images.to(device), res, norm))
-        local.append(torch.sigmoid(z_local).float().cpu())
-        abnormal.append(torch.softmax(z_global.float(), dim=-1)[:, 1].cpu())
-        y_local.append(targets)
-        y_abnormal.append(target_abnormal)
-    return (torch.cat(local).numpy(), torch.cat(abnormal).numpy(), torch.cat(y_local).numpy(),
-            torch.cat(y_abnormal).numpy())
 
 
 def scores(prediction, weights, groups=None, located=None):
@@ -321,6 +305,11 @@ def main(argv=None):
     parser.add_argument("--num-maps", type=int, default=6, help="how many images to draw when --map-ids is not given")
     parser.add_argument("--seeds", action="store_true", help="the checkpoints are runs of several seeds: also print "
                         "tables over seeds (mean, sd, range; mlcak - baseline per seed and pooled)")
+    parser.add_argument("--images", nargs="+", metavar="PATH", help="predict these files or folders (DICOM, PNG, JPEG, "
+                        "...; any size, no labels) instead of a test set; with --maps, draw them")
+    parser.add_argument("--threshold", type=float, default=0.5, help="with --images: list the local labels whose "
+                        "probability is at least this (all probabilities go to the CSV)")
+    parser.add_argument("--out-csv", help="with --images: the CSV to write (default: predictions.csv beside the first CKPT)")
     args = parser.parse_args(argv)
     try:
         device = pick_device(args.device)
@@ -330,6 +319,14 @@ def main(argv=None):
         parser.error(f"--maps {args.maps}: cannot write there ({writable(args.maps)})")
     if args.seeds and not args.bootstrap:
         parser.error("--seeds needs --bootstrap resamples")
+    if args.images:
+        clash = [flag for flag, given in (("--data", args.data), ("--seeds", args.seeds), ("--map-ids", args.map_ids)) if given]
+        if clash:
+            parser.error(f"--images predicts files, not a test set: {clash[0]} does not apply")
+        if args.out_csv and writable(os.path.dirname(os.path.abspath(args.out_csv))):
+            parser.error(f"--out-csv {args.out_csv}: cannot write there")
+        predict_images(args.checkpoints, args.images, args.threshold, args.out_csv, args.maps, args.cache_dir, device)
+        return
     _, first = load_checkpoint(args.checkpoints[0])
     dataset = test_dataset(first, args.data, args.cache_dir)
     groups = label_groups(args.data or first["data"]["path"])

@@ -109,8 +109,9 @@ def panel(image, boxes, title, heat=None, title_height=14):
     return canvas
 
 
-def write_figures(folder, dataset, loaded, rows, device):
-    """One PNG per test image (input, then each checkpoint's map), and overview.png stacking them all."""
+def write_figures(folder, dataset, loaded, rows, device, overview_rows=24):
+    """One PNG per image (input, then each checkpoint's map), and overview.png stacking the first overview_rows.
+    Returns the number of PNGs besides overview.png."""
     os.makedirs(folder, exist_ok=True)
     size = dataset.meta["size"]
     maps = [upsample(attention_maps(m, dataset, rows, c["res"], c["norm"], device), size) for m, c in loaded]
@@ -125,12 +126,13 @@ def write_figures(folder, dataset, loaded, rows, device):
         for j, p in enumerate(panels):
             figure.paste(p, (j * p.width, 0))
         figure.save(os.path.join(folder, file_name(dataset.image_ids[n]) + ".png"))
-        figures.append(figure)
+        if k < overview_rows:
+            figures.append(figure)
     overview = Image.new("RGB", (figures[0].width, sum(f.height for f in figures)), "white")
     for j, f in enumerate(figures):
         overview.paste(f, (0, j * f.height))
     overview.save(os.path.join(folder, "overview.png"))
-    return len(figures)
+    return len(rows)
 
 
 def file_name(image_id):

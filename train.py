@@ -14,10 +14,11 @@ Trains MLCAK (arXiv 2405.13370) in the paper's two stages and prints AUROC on th
     torchrun --standalone --nproc_per_node=4 train.py --data /data/vindr-cxr --model vit_small --device cuda --amp
 
 Each model gets a run folder under --out (teacher-224-*, mlcak-28-*, baseline-28-*), named by every flag that
-changes its numbers, so a finished run is reused rather than trained again (runtime.RunFolders). It holds best.pt
+changes its numbers, so a finished run is reused rather than trained again (runs.RunFolders). It holds best.pt
 (by validation mean local AUROC) and last.pt: plain dicts of tensors and values, loadable with
-torch.load(path, weights_only=True). The loop is train() below; the machinery (processes, folders, checkpoints)
-is in runtime.py, the data and each stage's batches in data.py, the flags at the end of this file.
+torch.load(path, weights_only=True). The loop is train() below; the machinery is in runs.py (run folders, log.csv,
+torchrun) and runtime.py (checkpoints, the command line), the data and each stage's batches in data.py, the flags at
+the end of this file.
 """
 
 import argparse
@@ -30,11 +31,13 @@ import time
 import torch
 
 import data
-from evaluate import evaluate_checkpoints, format_table, label_groups, markdown_table, predict, summary
+from evaluate import evaluate_checkpoints, format_table, label_groups, markdown_table, summary
 from maps import pick_rows, write_figures
 from mlcak import joint_loss
-from runtime import (CheckpointError, Clock, Ddp, Lock, Parser, RunFolders, finished, first_line, load_checkpoint,
-                     load_weights, pick_device, read_checkpoint, run_cli, save_checkpoint, short_hash, writable)
+from predict import predict
+from runs import Clock, Ddp, EpochLog, RunFolders, finished, short_hash
+from runtime import (CheckpointError, Lock, Parser, first_line, load_checkpoint, load_weights, pick_device, read_checkpoint,
+                     run_cli, save_checkpoint, writable)
 from vit import CHECKPOINT_NORMS, VARIANTS, ViTConfig, VisionTransformer, adapt_timm_state_dict
 
 
@@ -107,9 +110,9 @@ def main(argv=None):
 
 def train(role, res, run_dir, model, teacher, train_set, val_set, args, ddp, info):
     """
-    One model trained into run_dir: AdamW, warmup + cosine, validation each epoch, best.pt and last.pt. teacher is
-    the frozen teacher for mlcak, None for the teacher itself and the baseline. Returns the number of images trained
-    on and the loop's images per second (validation and checkpoints included).
+    One model trained into run_dir: AdamW, warmup + cosine, validation each epoch, best.pt, last.pt and log.csv.
+    teacher is the frozen teacher for mlcak, None for the teacher itself and the baseline. Returns the number of
+    images trained on and the loop's images per second (validation and checkpoints included).
     """
     device, kd = ddp.device, teacher is not None
     need_attn = kd and args.gamma != 0
@@ -148,9 +151,11 @@ def train(role, res, run_dir, model, teacher, train_set, val_set, args, ddp, inf
     ddp.say(f"{role}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, res {res}, {total} steps, "
             f"{'L_KD + L_cls' if kd else 'L_cls'}, run folder {run_dir}")
     saved = dict(args=vars(args), role=role, res=res, kd=kd, norm=list(data.NORM), label_names=train_set.label_names, data=info)
+    log = EpochLog(run_dir, after_epoch=first_epoch)
     start, start_step = time.time(), step
     for epoch in range(first_epoch, args.epochs):
         model.train()
+        epoch_start, sums = time.time(), {}
         for x, labels, teacher_targets in stage.batches(epoch):
             # looked up in the stage's table, computed once per image (data.StageData), they stand for:
             #   x = mlcak.model_input(images, res, data.NORM)                           the student's input at --res
@@ -162,9 +167,11 @@ def train(role, res, run_dir, model, teacher, train_set, val_set, args, ddp, inf
             opt.zero_grad(set_to_none=True)
             l_joint.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            lr = sched.get_last_lr()[0]  # this step's
             opt.step()
             sched.step()
             step += 1
+            sums = {k: sums.get(k, 0) + v for k, v in terms.items()}  # for log.csv's means over the epoch
             if not torch.isfinite(l_joint):  # a host sync, but a NaN run must stop at once, not train on to the end
                 parts = " ".join(f"{k} {v.item():.4g}" for k, v in terms.items())
                 raise TrainingError(f"{role}: the loss is not finite at step {step} ({parts}); nothing of this step "
@@ -184,6 +191,10 @@ def train(role, res, run_dir, model, teacher, train_set, val_set, args, ddp, inf
             if val:
                 print(f"{role} epoch {epoch + 1}: val mean local AUROC {score:.3f} ({val['labels_defined']} labels), "
                       f"normal/abnormal {val['normal_abnormal_auroc']:.3f}")
+            seconds = time.time() - epoch_start
+            log.add(epoch=epoch + 1, step=step, lr=f"{lr:.6g}", **{k: f"{float(v) / stage.steps:.6g}" for k, v in sums.items()},
+                    val_mean_local_auroc=score, val_normal_abnormal_auroc=metrics["val_normal_abnormal_auroc"],
+                    seconds=f"{seconds:.2f}", images_per_second=f"{stage.steps * args.batch_size / seconds:.1f}")
             if math.isnan(score) or score > best:  # no validation score: best = last
                 best = score if not math.isnan(score) else best
                 save_checkpoint(os.path.join(run_dir, "best.pt"), raw, epoch=epoch + 1, step=step, metrics=metrics, **saved)

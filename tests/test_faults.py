@@ -13,7 +13,7 @@ import torch
 import data
 import evaluate
 import layouts
-import runtime
+import runs
 import train
 from helpers import class_folders, write_image, write_rows
 from runtime import CheckpointError, save_checkpoint
@@ -103,7 +103,7 @@ def test_non_finite_weights_are_never_written_nor_reused(tmp_path):
     with pytest.raises(CheckpointError, match="not written: 1 tensors hold NaN"):
         save_checkpoint(str(tmp_path / "last.pt"), model, epoch=1)
     torch.save(dict(model=model.state_dict(), vit_config={}, epoch=1), tmp_path / "last.pt")  # written by other means
-    assert not runtime.finished(str(tmp_path), 1)  # trained again, not reused
+    assert not runs.finished(str(tmp_path), 1)  # trained again, not reused
 
 
 def test_a_run_of_zero_steps_is_refused_not_saved_as_finished(tiny, tmp_path, capsys):
@@ -227,7 +227,7 @@ def test_repeated_resolutions_are_trained_and_shown_once(capsys):
 def run_folders(*flags, device="cpu"):
     """The run folders RunFolders names for these flags on a fixed dataset: (teacher, baseline@28, mlcak@28)."""
     args = train.parse_args(["--out", "/tmp", *flags])
-    folders = runtime.RunFolders(args, dict(train_cache="/c/vindr-train-224-a", test_cache="/c/vindr-test-224-b"),
+    folders = runs.RunFolders(args, dict(train_cache="/c/vindr-train-224-a", test_cache="/c/vindr-test-224-b"),
                                torch.device(device))
     return folders.teacher, folders.student("baseline", 28), folders.student("mlcak", 28)
 
@@ -271,9 +271,9 @@ def test_the_other_flags_that_change_numbers_name_new_folders_too(tmp_path):
 
 def test_every_flag_is_either_in_the_run_folder_name_or_said_not_to_change_the_numbers():
     every = {a.dest for a in train.build_parser()._actions} - {"help"}
-    assert every == set(runtime.FLAGS_THAT_MATTER) | set(runtime.FLAGS_THAT_DO_NOT) | set(runtime.FLAGS_THAT_CHOOSE_RUNS)
+    assert every == set(runs.FLAGS_THAT_MATTER) | set(runs.FLAGS_THAT_DO_NOT) | set(runs.FLAGS_THAT_CHOOSE_RUNS)
     described = " ".join(train.build_parser().description.split())
-    for flag in runtime.FLAGS_THAT_DO_NOT:
+    for flag in runs.FLAGS_THAT_DO_NOT:
         assert f"--{flag.replace('_', '-')}" in described, flag
 
 
@@ -314,7 +314,7 @@ def test_a_full_disk_under_out_is_one_line_and_leaves_no_temporary_file(tiny, tm
     assert result.returncode == 1 and one_line(result.stderr), result.stderr
     assert "last.pt: not written (RuntimeError:" in result.stderr and "free on that disk" in result.stderr
     run = next(os.path.join(tmp_path / "runs", d) for d in os.listdir(tmp_path / "runs"))
-    assert sorted(f for f in os.listdir(run) if not f.startswith(".")) == ["best.pt"]  # no half-written temporary file
+    assert sorted(f for f in os.listdir(run) if not f.startswith(".")) == ["best.pt", "log.csv"]  # no temporary file left
     assert torch.load(os.path.join(run, "best.pt"), weights_only=True)["epoch"] == 1
 
 

@@ -10,7 +10,7 @@ import pytest
 import data
 import layouts
 import train
-from helpers import RAMP, chexpert_folder, class_folders, nih_folder, vindr_folder, write_dicom, write_image, write_rows
+from helpers import chexpert_folder, class_folders, nih_folder, vindr_folder, write_dicom, write_image, write_rows
 
 
 def short_run(capsys, tmp_path, dataset, *extra):

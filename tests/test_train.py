@@ -1,5 +1,6 @@
 """End to end: train.py and evaluate.py as a user runs them, on a tiny synthetic set, in subprocesses."""
 
+import csv
 import os
 import re
 import socket
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import data
-import runtime
+import runs
 import synthetic
 import train
 
@@ -45,6 +46,26 @@ def test_training_runs_teacher_then_student_and_prints_auroc(tiny):
     assert "teacher epoch 2/2" in out and "mlcak epoch 2/2" in out
     assert re.search(r"kd_attn [0-9.e-]+ .*img/s, ETA", out)
     assert len(table_row(out, "mean local AUROC")) == 2  # teacher@224 and mlcak@28
+
+
+def log_rows(run_dir):
+    with open(os.path.join(run_dir, "log.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_run_folder_has_a_log_of_one_row_per_epoch(tiny):
+    tmp, out, _ = tiny
+    mlcak = next(tmp / "runs" / d for d in os.listdir(tmp / "runs") if d.startswith("mlcak-28"))
+    rows = log_rows(mlcak)
+    total = int(re.search(r"mlcak: .*, (\d+) steps", out).group(1))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and [r["step"] for r in rows] == [str(total // 2), str(total)]
+    assert list(rows[0]) == ["epoch", "step", "lr", "cls_local", "cls_global", "kd_local", "kd_global", "kd_attn", "total",
+                             "val_mean_local_auroc", "val_normal_abnormal_auroc", "seconds", "images_per_second"]
+    val = re.findall(r"mlcak epoch \d: val mean local AUROC (\d\.\d{3})", out)
+    assert [f"{float(r['val_mean_local_auroc']):.3f}" for r in rows] == val  # the scores the progress lines printed
+    assert all(float(r["total"]) > 0 and float(r["lr"]) > 0 and float(r["images_per_second"]) > 0 for r in rows)
+    teacher = next(tmp / "runs" / d for d in os.listdir(tmp / "runs") if d.startswith("teacher"))
+    assert "kd_attn" not in log_rows(teacher)[0] and len(log_rows(teacher)) == 2
 
 
 def test_checkpoints_load_with_weights_only_and_hold_plain_values(tiny):
@@ -147,7 +168,7 @@ def test_stage_data_gives_the_same_batches_from_memory_and_streamed(tiny, monkey
     args = train.parse_args(["--batch-size", "8", "--out", str(tmp / "stage")])
     teacher = VisionTransformer(ViTConfig(num_local=22, **VARIANTS["vit_cpu"])).eval()
     make = lambda: data.StageData(dataset, 28, teacher, True, lambda: torch.autocast("cpu", enabled=False), args,
-                                  runtime.Ddp(torch.device("cpu")))
+                                  runs.Ddp(torch.device("cpu")))
     kept = make()
     monkeypatch.setattr(data.StageData, "LIMIT", 0)  # as if the table did not fit in memory
     streamed = make()
@@ -225,6 +246,11 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny):
     for role in ("teacher", "mlcak"):
         a, b = final_weights(tmp / "killed", role), final_weights(tmp / "straight", role)
         assert all(torch.equal(a[k], b[k]) for k in a), role  # bitwise: CPU kernels are deterministic here
+        killed, straight = (log_rows(next(tmp / f / d for d in os.listdir(tmp / f) if d.startswith(role)))
+                            for f in ("killed", "straight"))
+        assert [r["epoch"] for r in killed] == ["1", "2", "3"]  # resumed after epoch 1: no row twice, none missing
+        columns = [c for c in killed[0] if c not in ("seconds", "images_per_second")]
+        assert [[r[c] for c in columns] for r in killed] == [[r[c] for c in columns] for r in straight]
 
 
 def test_init_from_a_timm_named_rgb_checkpoint(tiny, tmp_path):
