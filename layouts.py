@@ -43,7 +43,7 @@ CHEXPERT_LABELS = ["Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity",
                    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
                    "Fracture", "Support Devices"]  # with 'No Finding', CheXpert's 14 observations
 NORMAL_NAMES = {"normal", "no finding", "no_finding", "nofinding", "negative"}  # class folders of the normal class
-# what every layout reads as an image (data.read_image); a layout that finds files by name takes these
+# what every layout reads as an image (decode.read_image); a layout that finds files by name takes these
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm", ".dicom")
 
 

@@ -286,9 +286,9 @@ def start(flags, out, *extra, **kw):
 
 def test_sigterm_says_how_to_resume_and_resume_under_other_flags_names_the_interrupted_run(tiny, tmp_path, capsys):
     tmp, flags = tiny
-    process = start(flags, tmp_path, "--epochs", "4")
+    process = start(flags, tmp_path, "--epochs", "3")
     for line in process.stdout:
-        if line.startswith("teacher epoch 2/4 step"):
+        if line.startswith("teacher epoch 2/3 step"):
             process.send_signal(signal.SIGTERM)  # what timeout, Slurm and Kubernetes send
             break
     _, err = process.communicate(timeout=120)
@@ -296,11 +296,11 @@ def test_sigterm_says_how_to_resume_and_resume_under_other_flags_names_the_inter
     assert "terminated: run the same command with --resume to continue from the last finished epoch" in err
     interrupted = next(p for p in checkpoints(tmp_path) if p.endswith("last.pt"))
     assert torch.load(interrupted, weights_only=True)["epoch"] == 1  # the state written before the signal, intact
-    code, out, err = cli(capsys, *flags, "--out", str(tmp_path), "--epochs", "4", "--resume", "--lr", "2e-3")
+    code, out, err = cli(capsys, *flags, "--out", str(tmp_path), "--epochs", "3", "--resume", "--lr", "2e-3")
     assert code == 0, err
     assert "teacher@64: --resume: no interrupted run of these settings" in out
-    assert f"interrupted runs of this data under other settings: {os.path.dirname(interrupted)} (epoch 1/4; it had --lr 0.001)" in out
-    code, out, err = cli(capsys, *flags, "--out", str(tmp_path), "--epochs", "4", "--resume")
+    assert f"interrupted runs of this data under other settings: {os.path.dirname(interrupted)} (epoch 1/3; it had --lr 0.001)" in out
+    code, out, err = cli(capsys, *flags, "--out", str(tmp_path), "--epochs", "3", "--resume")
     assert code == 0 and "teacher: resuming" in out and "after epoch 1" in out
 
 

@@ -253,16 +253,20 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny):
         assert [[r[c] for c in columns] for r in killed] == [[r[c] for c in columns] for r in straight]
 
 
-def test_init_from_a_timm_named_rgb_checkpoint(tiny, tmp_path):
+def test_init_from_a_distilled_deit_checkpoint_of_timm_names(tiny, tmp_path):
     tmp, _, _ = tiny
     from vit import VARIANTS, ViTConfig, VisionTransformer
     rgb = VisionTransformer(ViTConfig(in_chans=3, img_size=224, **VARIANTS["vit_tiny"]))  # timm's ViT-Ti/16 layout
     state = {k: v for k, v in rgb.state_dict().items() if not k.startswith("head_")}
     state["head.weight"], state["head.bias"] = torch.randn(1000, 192), torch.randn(1000)
-    torch.save({"model": state}, tmp_path / "timm_vit.pth")
-    out = small_run(tmp, "init", "--model", "vit_tiny", "--img-size", "64", "--init", str(tmp_path / "timm_vit.pth"),
+    # deit_tiny_distilled_patch16_224: a distillation token, its head, and its slot in a pos_embed of 198
+    state["dist_token"], state["head_dist.weight"], state["head_dist.bias"] = torch.randn(1, 1, 192), torch.randn(1000, 192), torch.randn(1000)
+    state["pos_embed"] = torch.cat([state["pos_embed"][:, :1], torch.randn(1, 1, 192), state["pos_embed"][:, 1:]], dim=1)
+    torch.save({"model": state}, tmp_path / "deit_distilled.pth")
+    out = small_run(tmp, "init", "--model", "vit_tiny", "--img-size", "64", "--init", str(tmp_path / "deit_distilled.pth"),
                     "--no-kd", epochs=1)  # the 14 x 14 position grid resampled to 4 x 4
     assert "init:" in out and "'pos_embed'" in out and "'patch_embed.proj.weight'" in out and "'head.weight'" in out
+    assert "'dist_token'" in out and "'head_dist.weight'" in out and "the distillation token's slot" in out
     torch.save({"conv1.weight": torch.randn(64, 3, 7, 7)}, tmp_path / "resnet.pth")
     cmd = [sys.executable, "train.py", "--data", str(tmp / "syn"), "--out", str(tmp / "cnn"), "--cache-dir",
            str(tmp / "cache"), "--init", str(tmp_path / "resnet.pth"), "--no-kd"]
