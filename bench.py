@@ -13,7 +13,6 @@ three epochs of each stage on the default data (or --data), so the two compare i
 achieved GFLOP/s of the training step next to this machine's matrix-multiply peak, measured here too.
 """
 
-import argparse
 import contextlib
 import functools
 import io
@@ -31,6 +30,7 @@ import runs
 import synthetic
 import train
 from mlcak import joint_loss, model_input, targets_from_teacher
+from runtime import Parser
 from vit import VARIANTS, PatchEmbed, ViTConfig, VisionTransformer, pool_tokens
 
 
@@ -197,14 +197,14 @@ def bench_loop(args, device, epochs=3):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Benchmark our ViT and the MLCAK step.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=["vit_cpu", "vit_tiny"], choices=sorted(VARIANTS), help="ViT variants to measure")
-    p.add_argument("--batch-size", type=int, default=32, help="images per step")
-    p.add_argument("--seconds", type=float, default=1.0, help="length of a timed round (after 2 warm-up calls; the best of 3 rounds)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    p = Parser(description="Benchmark our ViT and the MLCAK step.")
+    p.add_argument("--variants", nargs="+", default=["vit_cpu", "vit_tiny"], choices=sorted(VARIANTS), help="ViT variants to measure (default: vit_cpu vit_tiny)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step (default: 32)")
+    p.add_argument("--seconds", type=float, default=1.0, help="length of a timed round (after 2 warm-up calls; the best of 3 rounds; default: 1)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default: cpu)")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--workers", type=int, default=0, help="data loader workers")
-    p.add_argument("--no-loop", dest="loop", action="store_false", help="skip train.py's loop on the data (vit_cpu)")
+    p.add_argument("--workers", type=int, default=0, help="data loader workers (default: 0)")
+    p.add_argument("--no-loop", dest="loop", action="store_false", help="skip train.py's loop on the data (run by default, for vit_cpu)")
     p.add_argument("--data", help="dataset for the loader and the loop, in a layout train.py reads (default: the synthetic default data)")
     p.add_argument("--cache-dir", help="where its decoded images are cached (default: data/cache in this project)")
     args = p.parse_args(argv)

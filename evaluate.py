@@ -308,7 +308,7 @@ def main(argv=None):
     parser.add_argument("--images", nargs="+", metavar="PATH", help="predict these files or folders (DICOM, PNG, JPEG, "
                         "...; any size, no labels) instead of a test set; with --maps, draw them")
     parser.add_argument("--threshold", type=float, default=0.5, help="with --images: list the local labels whose "
-                        "probability is at least this (all probabilities go to the CSV)")
+                        "probability is at least this, else the three most probable (all probabilities go to the CSV)")
     parser.add_argument("--out-csv", help="with --images: the CSV to write (default: predictions.csv beside the first CKPT)")
     args = parser.parse_args(argv)
     try:

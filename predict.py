@@ -72,7 +72,7 @@ def image_dataset(files, label_names, size, cache_dir=None):
 def predict_images(checkpoints, paths, threshold=0.5, out_csv=None, maps=None, cache_dir=None, device="cpu"):
     """
     Every model on every readable image: one line per image and model with P(abnormal) and the local labels whose
-    probability is at least threshold (else the most probable one), all probabilities in out_csv (default:
+    probability is at least threshold (else the three most probable), all probabilities in out_csv (default:
     predictions.csv beside the first checkpoint; a row per image and model, a column per label), and with maps the
     figures of evaluate.py --maps: the image as each model saw it, its MLCAK attention over it, side by side.
     Unreadable files are listed and skipped; none readable at all is a DataError. Returns the CSV's path.
@@ -99,12 +99,13 @@ def predict_images(checkpoints, paths, threshold=0.5, out_csv=None, maps=None, c
         table.writerow(["path", "model", "abnormal"] + names)
         for model, ckpt in loaded:
             local, abnormal, _, _ = predict(model, dataset, ckpt["res"], ckpt["norm"], device)
-            print(f"\n{run_name(ckpt)}: P(abnormal), and the local labels at p >= {threshold:g}")
+            print(f"\n{run_name(ckpt)}: P(abnormal), and the local labels at p >= {threshold:g} (else the three most probable)")
             for k, n in enumerate(rows):
-                above = [j for j in np.argsort(-local[k]) if local[k, j] >= threshold]
-                found = ", ".join(f"{names[j]} {local[k, j]:.2f}" for j in above)
+                order = np.argsort(-local[k], kind="stable")
+                above = [j for j in order if local[k, j] >= threshold]
+                found = ", ".join(f"{names[j]} {local[k, j]:.2f}" for j in (above or order[:3]))
                 if not above:
-                    found = f"none (highest: {names[int(local[k].argmax())]} {local[k].max():.2f})"
+                    found = f"none; highest {found}"
                 print(f"{dataset.image_ids[n]}  abnormal {abnormal[k]:.3f}  {found}")
                 table.writerow([dataset.image_ids[n], run_name(ckpt), f"{abnormal[k]:.6f}"] + [f"{p:.6f}" for p in local[k]])
     print(f"\nwrote {len(rows)} images x {len(loaded)} model(s) to {out_csv}")

@@ -61,8 +61,14 @@ def test_predictions_of_files_equal_those_through_a_dataset_and_skip_a_corrupt_f
     local, abnormal, _, _ = predict(model, dataset, ckpt["res"], ckpt["norm"], "cpu")
     np.testing.assert_allclose([float(r["abnormal"]) for r in rows], abnormal, atol=1e-6)
     np.testing.assert_allclose([[float(r[n]) for n in LABELS] for r in rows], local, atol=1e-6)
-    for k in range(5):  # one line per image: P(abnormal) and the labels above the threshold, or the highest
-        assert f"{tmp_path / 'scans' / f'{k}.png'}  abnormal {abnormal[k]:.3f}  " in out
+    def listed(k, labels):
+        return f"{tmp_path / 'scans' / f'{k}.png'}  abnormal {abnormal[k]:.3f}  {labels}\n"
+    for k in range(5):  # one line per image: P(abnormal) and the labels above the threshold, else the three highest
+        top = [f"{LABELS[j]} {local[k, j]:.2f}" for j in np.argsort(-local[k], kind="stable")]
+        above = [t for t, p in zip(top, sorted(local[k], reverse=True)) if p >= 0.5]
+        assert listed(k, ", ".join(above) if above else "none; highest " + ", ".join(top[:3])) in out
+    code, out, err = cli(capsys, student, "--images", str(tmp_path / "scans" / "0.png"), "--threshold", "0", "--device", "cpu")
+    assert code == 0 and out.count(listed(0, "")[:-1]) == 1 and all(f"{n} " in out for n in LABELS)  # p >= 0: all labels
 
 
 def test_a_dicom_and_a_png_of_the_same_pixels_give_the_same_prediction(tmp_path, capsys):
