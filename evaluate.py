@@ -201,9 +201,10 @@ def markdown_table(results):
         return number(r["scores"][key]) + (" " + span(r["intervals"][key]) if "intervals" in r else "")
 
     boxes = results[0].get("localization") is not None  # without boxes, no localization columns
-    header = ["model", "mean local AUROC [95% CI]", "normal/abnormal AUROC [95% CI]"]
+    ci = " [95% CI]" if "intervals" in results[0] else ""  # none under --bootstrap 0
+    header = ["model", f"mean local AUROC{ci}", f"normal/abnormal AUROC{ci}"]
     header += ["attention in box", "pointing game"] if boxes else []
-    header += ["difference in mean local AUROC [95% CI], p"]
+    header += [f"difference in mean local AUROC{ci}" + (", p" if ci else "")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         diff = "; ".join(f"{r['name'].split('@')[0]} - {d['against'].split('@')[0]}: "

@@ -268,8 +268,9 @@ def report(args, table, pairs, test_set, info, device):
     if args.compare:
         name = os.path.join(args.out, f"table-{short_hash(table)}")
         with open(name + ".md", "w") as f:
-            f.write(f"Test set: {len(test_set)} images of {info['path']}; intervals from {args.bootstrap} bootstrap "
-                    f"resamples of the test images.\n\n{markdown_table(results)}\n")
+            intervals = f"intervals from {args.bootstrap} bootstrap resamples of the test images" if args.bootstrap else \
+                "no intervals (--bootstrap 0)"
+            f.write(f"Test set: {len(test_set)} images of {info['path']}; {intervals}.\n\n{markdown_table(results)}\n")
         loaded = [load_checkpoint(p, device) for p in table]
         write_figures(name + "-maps", test_set, loaded, pick_rows(test_set), device)
         print(f"wrote {name}.md and attention maps in {name}-maps/")
