@@ -204,7 +204,7 @@ def markdown_table(results):
     ci = " [95% CI]" if "intervals" in results[0] else ""  # none under --bootstrap 0
     header = ["model", f"mean local AUROC{ci}", f"normal/abnormal AUROC{ci}"]
     header += ["attention in box", "pointing game"] if boxes else []
-    header += [f"difference in mean local AUROC{ci}" + (", p" if ci else "")]
+    header += ["difference in mean local AUROC [95% CI], p"] if ci else []  # paired differences need the resamples
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         diff = "; ".join(f"{r['name'].split('@')[0]} - {d['against'].split('@')[0]}: "
@@ -212,10 +212,10 @@ def markdown_table(results):
                          f"{p_text(d['mean local']['p_value'], d['mean local']['resamples'])}" for d in r.get("differences", []))
         cells = [r["name"], fmt(r, "mean local"), fmt(r, "normal/abnormal")]
         cells += [number(r["scores"][k]) for k in ("attention in box", "pointing game")] if boxes else []
-        lines.append("| " + " | ".join(cells + [diff]) + " |")
+        lines.append("| " + " | ".join(cells + ([diff] if ci else [])) + " |")
     if boxes:
         chance = results[0]["localization"]["chance"]
-        lines.append(f"| uniform map (chance) | | | {chance:.3f} | {chance:.3f} | |")
+        lines.append(f"| uniform map (chance) | | | {chance:.3f} | {chance:.3f} |" + (" |" if ci else ""))
     return "\n".join(lines)
 
 
