@@ -1,37 +1,28 @@
 """
-The data a run trains and tests on: the images that layouts.py lists, decoded once into a cache (decode.py), served
-as datasets, split, and turned into what each stage's steps read.
+The data a run trains and tests on: a dataset as downloaded (machinery.layouts reads each layout), decoded once into
+a cache (machinery.cache), served as PyTorch datasets and split into train, validation and test.
 
-    load_splits(args) -> train, val, test    --data (or the synthetic default) by its layout, cached, split, checked
-    build_cache(source) -> folder            each image decoded once, on every core, into a uint8 memory map
-    XrayDataset(folder)                      (image, local targets, abnormal, index) from that cache
-    StageData(dataset, res, teacher)         a stage's batches: the model input at res, the labels, the teacher's targets
-    validation_rows, overlap_notes           the validation images (never the test split's); leaks between splits
+    load_splits(args) -> train, val, test, info    --data (or the synthetic default, made on first use), split, checked
+    XrayDataset(folder)                            (image, local targets, abnormal, index) from a cache folder
+    validation_rows, overlap_notes                 the validation images (never the test split's); leaks between splits
+    test_dataset(ckpt), image_dataset(files)       the test set a checkpoint names; your own files, unlabelled
 
 Low-resolution images are not made here: mlcak.simulate_low_resolution makes them from HR batches.
 """
 
-import hashlib
 import json
 import os
 import time
-from multiprocessing import Pool
 
 import numpy as np
 import torch
 
-import layouts
-import synthetic
-from decode import read_image, resize_uint8
-from layouts import DataError, hash_fraction
-from mlcak import model_input, targets_from_teacher
-from runtime import Lock, NotReady, free_space, progress_line, temporary_name
-from vit import VARIANTS
+from machinery import layouts, synthetic
+from machinery.cache import CACHE_VERSION, PROJECT_DATA, build_cache, damage
+from machinery.layouts import DataError, hash_fraction
 
-DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-CACHE_VERSION = 3  # 3: box origins and the files' ctime in the key
+DEFAULT_DATA = PROJECT_DATA  # data/ in this project: the synthetic set and the caches
 NORM = (0.5, 0.25)  # the models' input normalization, (x - mean) / std, saved with every checkpoint
-
 
 # ---------------------------------------------------------------------------------------------- the splits of a run
 
@@ -81,152 +72,6 @@ def load_splits(args, clock, create=True, verbose=True):
     return train_set, val_set, test_set, dict(path=path, train_cache=caches["train"], test_cache=caches["test"])
 
 
-# ---------------------------------------------------------------------------------------------- the cache
-
-def _decode_one(job):
-    n, path, size = job
-    try:
-        image = read_image(path)
-        return n, resize_uint8(image, size), image.shape, None
-    except Exception as err:  # one bad file must never stop a long build: it is reported by name instead
-        return n, None, None, str(err) if isinstance(err, DataError) else f"{path}: {type(err).__name__}: {err}"
-
-
-def cache_key(source, size):
-    """
-    Changes when the list of files, their labels and boxes, the size or the cache format change, or when any file's
-    size, modification time or inode change time (ctime) does: a quick check, as rsync's, that never reads the
-    files. Rewriting a file changes its ctime, which no tool sets back; --rebuild-cache decodes everything again.
-    """
-    h = hashlib.sha1(json.dumps([CACHE_VERSION, source.name, source.split, size, source.label_names,
-                                 source.image_ids, source.groups]).encode())
-    for p in source.paths:
-        st = os.stat(p)
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}".encode())
-    for array in (source.local, source.abnormal, source.boxes, source.frames, source.val):
-        h.update(np.ascontiguousarray(array).tobytes())
-    return h.hexdigest()
-
-
-def cache_folder(source, size=224, cache_root=None):
-    key = cache_key(source, size)[:12]
-    return os.path.join(cache_root or os.path.join(DEFAULT_DATA, "cache"), f"{source.name}-{source.split}-{size}-{key}")
-
-
-TARGETS = ("local", "abnormal", "boxes", "box_origins", "frames", "val", "usable", "digests")
-
-
-def damage(folder, n, size):
-    """Why the files in folder cannot be trusted (truncated, wrong shape, unreadable, pickled), or None when they can."""
-    expected = {"images.npy": (n, size, size), "sizes.npy": (n, 2), "done.npy": (n,)}
-    for name, shape in expected.items():
-        if name == "done.npy" and not os.path.isfile(os.path.join(folder, name)):
-            continue
-        try:
-            found = np.load(os.path.join(folder, name), mmap_mode="r").shape
-        except Exception as err:
-            return f"{name}: {type(err).__name__}: {err}"
-        if found != shape:
-            return f"{name} holds {found}, expected {shape}"
-    if os.path.isfile(os.path.join(folder, "meta.json")):
-        try:  # every array read, as XrayDataset reads it: an object array (a pickle) is refused here
-            with np.load(os.path.join(folder, "targets.npz")) as targets:
-                lengths = {key: len(targets[key]) for key in TARGETS}
-        except Exception as err:
-            return f"targets.npz: {type(err).__name__}: {err}"
-        if any(lengths[key] != n for key in ("local", "abnormal", "frames", "val", "usable", "digests")):
-            return f"targets.npz holds arrays of {sorted(set(lengths.values()))} rows, expected {n}"
-    return None
-
-
-def build_cache(source, size=224, cache_root=None, workers=None, verbose=True, create=True, rebuild=False):
-    """
-    Decodes every image of a layouts.Source once (all cores), squashed to size x size, into <folder>/images.npy (uint8,
-    memory-mapped) with targets.npz (labels, boxes, frames, a digest of each image's pixels) and meta.json.
-    Re-running after an interrupt continues where it stopped; unreadable files are skipped and listed in
-    skipped.txt; a damaged cache is said and rebuilt; rebuild=True decodes every file again. One process builds
-    a cache at a time (a lock beside it); create=False waits for another process's build (NotReady until it is
-    complete). Returns the folder.
-    """
-    folder = cache_folder(source, size, cache_root)
-    if not rebuild and os.path.isfile(os.path.join(folder, "meta.json")) and not damage(folder, len(source.paths), size):
-        return folder
-    if not create:
-        raise NotReady(folder)
-    with Lock(os.path.join(folder, ".lock"), f"the cache {folder}"):
-        try:
-            if not rebuild and os.path.isfile(os.path.join(folder, "meta.json")) and not damage(folder, len(source.paths), size):
-                return folder  # built by the process that held the lock
-            return _build(folder, source, size, workers, verbose, rebuild)
-        except OSError as err:  # a full disk, a file size limit: said, and the next run resumes what was written
-            raise DataError(f"cache: cannot write in {folder} ({err.strerror or err}; {free_space(folder)} free); "
-                            "free some space or give --cache-dir on another disk, then run again to resume") from None
-
-
-def _build(folder, source, size, workers, verbose, rebuild):
-    N = len(source.paths)
-    complete = os.path.isfile(os.path.join(folder, "meta.json"))
-    problem = damage(folder, N, size) if complete or os.path.isfile(os.path.join(folder, "done.npy")) else None
-    if problem:
-        print(f"cache: {folder} is damaged ({problem}); rebuilding it", flush=True)
-    if problem or rebuild:
-        for name in ("meta.json", "done.npy"):
-            if os.path.isfile(os.path.join(folder, name)):
-                os.remove(os.path.join(folder, name))
-    os.makedirs(folder, exist_ok=True)
-    image_file, done_file, sizes_file = (os.path.join(folder, f) for f in ("images.npy", "done.npy", "sizes.npy"))
-    fresh = not os.path.isfile(done_file)
-    images = np.lib.format.open_memmap(image_file, mode="w+" if fresh else "r+", dtype=np.uint8, shape=(N, size, size))
-    sizes = np.lib.format.open_memmap(sizes_file, mode="w+" if fresh else "r+", dtype=np.int32, shape=(N, 2))
-    if fresh:  # the disk space taken now, not at each page's first write: a full disk is an error here, not a SIGBUS later
-        for path in (image_file, sizes_file):
-            with open(path, "r+b") as f:
-                os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
-    done = np.zeros(N, bool) if fresh else np.load(done_file)
-    todo = [(n, source.paths[n], size) for n in np.flatnonzero(~done)]
-    errors, start, last = {}, time.time(), 0.0
-
-    def save_progress():  # pixels reach the disk before the flags that say they are there
-        images.flush()
-        sizes.flush()
-        tmp = temporary_name(done_file) + ".npy"
-        np.save(tmp, done)
-        os.replace(tmp, done_file)
-
-    if verbose and not fresh:
-        print(f"cache: resuming {folder}, {int(done.sum())} of {N} images already there")
-    try:
-        with Pool(workers or os.cpu_count()) as pool:
-            for count, (n, pixels, shape, error) in enumerate(pool.imap_unordered(_decode_one, todo, chunksize=8), 1):
-                if error:
-                    errors[n] = error
-                else:
-                    images[n], sizes[n], done[n] = pixels, shape, True
-                if time.time() - last > 2 or count == len(todo):
-                    save_progress()
-                    last = time.time()
-                    if verbose:
-                        print("\r" + progress_line(f"cache {source.split}", count, len(todo), start), end="", flush=True)
-    finally:
-        save_progress()
-        if verbose and todo:
-            print()
-    skipped = [errors[n] for n in sorted(errors)]
-    with open(os.path.join(folder, "skipped.txt"), "w") as f:
-        f.writelines(line + "\n" for line in skipped)
-    if skipped and verbose:
-        print(f"cache: {len(skipped)} unreadable files skipped, listed in {folder}/skipped.txt; first: {skipped[0]}")
-    digests = np.array([hashlib.sha1(images[n].tobytes()).hexdigest()[:16] if done[n] else "" for n in range(N)])
-    frames = np.where(source.frames > 0, source.frames, sizes)  # boxes in the image's own pixels unless told otherwise
-    np.savez(os.path.join(folder, "targets.npz"), local=source.local, abnormal=source.abnormal, boxes=source.boxes,
-             box_origins=np.array(source.box_origins, str), frames=frames, val=source.val, usable=done, digests=digests)
-    meta = dict(version=CACHE_VERSION, source=source.name, split=source.split, size=size, label_names=source.label_names,
-                image_ids=source.image_ids, groups=source.groups, skipped=len(skipped))
-    tmp = temporary_name(os.path.join(folder, "meta.json"))
-    with open(tmp, "w") as f:
-        json.dump(meta, f)
-    os.replace(tmp, os.path.join(folder, "meta.json"))  # marks the cache complete
-    return folder
 
 
 def box_problem(box, frame):
@@ -326,63 +171,35 @@ def overlap_notes(sets):
     return notes
 
 
-# ---------------------------------------------------------------------------------------------- a stage's batches
+def test_dataset(ckpt, data_path=None, cache_dir=None):
+    """The test set a checkpoint names (its cache, else its data source), or the one at data_path."""
+    if data_path is None and os.path.isfile(os.path.join(ckpt["data"]["test_cache"], "meta.json")):
+        try:
+            return XrayDataset(ckpt["data"]["test_cache"])
+        except DataError:  # damaged or of another version: made again from the source below
+            pass
+    options = {k: ckpt["args"][k] for k in ("readers", "uncertain", "views", "boxes") if k in ckpt["args"]}
+    source = layouts.load_source(data_path or ckpt["data"]["path"], "test", **options)
+    return XrayDataset(build_cache(source, ckpt["vit_config"]["img_size"], cache_dir))
 
-class StageData:
-    """
-    What the steps of one stage read: the model's input at the stage's resolution, the labels and, for mlcak, the
-    teacher's targets (mlcak.targets_from_teacher: its probabilities and its MLCAK map, the frozen teacher run on the
-    HR image). Nothing here changes between epochs (train.py does not augment, and the teacher is frozen in eval
-    mode), so where it fits in memory it is computed once for every training image: the steps then spend no time on
-    the low-resolution simulation, the teacher's forward pass or the loader. Otherwise each batch is loaded and
-    computed at its step, as the paper's loss reads. Both give the same batches in the same order.
-    """
 
-    LIMIT = 4 * 2 ** 30  # bytes kept in memory at most
+def label_groups(path):
+    """{name: [label]} from label_groups.json beside a dataset (the synthetic set's coarse/subtle/fine), or {}."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    file = os.path.join(folder, "label_groups.json")
+    if not os.path.isfile(file):
+        return {}
+    with open(file) as f:
+        return json.load(f)
 
-    def __init__(self, dataset, res, teacher, need_attn, autocast, args, ddp):
-        self.dataset, self.res, self.teacher, self.need_attn, self.autocast = dataset, res, teacher, need_attn, autocast
-        self.args, self.device = args, ddp.device
-        # the same sampler with one process or many: rank r takes every world-th image of one seeded permutation, so
-        # N processes with batch B/N see, step by step, the same images as one process with batch B
-        self.sampler = torch.utils.data.DistributedSampler(dataset, ddp.world, ddp.rank, shuffle=True, seed=args.seed, drop_last=True)
-        self.batch_sampler = torch.utils.data.BatchSampler(self.sampler, args.batch_size // ddp.world, drop_last=True)
-        self.steps = len(self.batch_sampler)
-        S, L = args.img_size, len(dataset.label_names)
-        T = (args.img_size // VARIANTS[args.model].get("patch_size", 16)) ** 2 + 1  # tokens, the class token included
-        per_image = S * S + L + 1  # float32 values: the model input, the local targets, abnormal
-        if teacher is not None:
-            per_image += L + 2 + (T * T if need_attn else 0)  # the teacher's probabilities and its MLCAK map
-        size = 4 * len(dataset) * per_image
-        self.table = None
-        if size <= self.LIMIT:
-            loader = torch.utils.data.DataLoader(dataset, batch_size=128, num_workers=args.workers)
-            parts = [self.compute(images, local, abnormal) for images, local, abnormal, _ in loader]
-            self.table = [None if parts[0][k] is None else torch.cat([p[k] for p in parts]) for k in range(6)]
 
-    @torch.no_grad()
-    def compute(self, images, local, abnormal):
-        """(model input, local, abnormal, p_local^T, p_global^T, MLCAK^T) of a batch; the teacher's None for others."""
-        images = images.to(self.device, non_blocking=True)
-        x = model_input(images, self.res, NORM)
-        teacher_targets = (None, None, None)
-        if self.teacher is not None:
-            with self.autocast():
-                hr = model_input(images, self.args.img_size, NORM)
-                teacher_targets = targets_from_teacher(self.teacher(hr, return_attn=self.need_attn))
-        return (x, local.to(self.device, non_blocking=True), abnormal.to(self.device, non_blocking=True), *teacher_targets)
-
-    def batches(self, epoch):
-        """(model input, (local targets, abnormal), the teacher's targets or None) for each step of an epoch."""
-        self.sampler.set_epoch(epoch)
-        if self.table is not None:
-            for positions in self.batch_sampler:
-                index = torch.tensor(positions, device=self.device)
-                x, local, abnormal, *teacher_targets = (None if part is None else part[index] for part in self.table)
-                yield x, (local, abnormal), (tuple(teacher_targets) if self.teacher is not None else None)
-            return
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.batch_sampler, num_workers=self.args.workers,
-                                             pin_memory=self.device.type == "cuda")
-        for images, local, abnormal, _ in loader:
-            x, local, abnormal, *teacher_targets = self.compute(images, local, abnormal)
-            yield x, (local, abnormal), (tuple(teacher_targets) if self.teacher is not None else None)
+def image_dataset(files, label_names, size, cache_dir=None):
+    """Your own files as an unlabelled dataset (its targets are zeros), decoded and cached as training images are;
+    and the files that could not be read, each with its reason."""
+    n = len(files)
+    source = layouts.Source("images", "predict", list(files), [os.path.abspath(f) for f in files], list(label_names),
+                            np.zeros((n, len(label_names)), np.uint8), np.zeros(n, np.uint8), np.zeros((0, 6), np.float32),
+                            [], np.zeros((n, 2), np.float32), list(files), np.zeros(n, bool))
+    folder = build_cache(source, size, cache_dir, verbose=False)
+    with open(os.path.join(folder, "skipped.txt")) as f:
+        return XrayDataset(folder), f.read().splitlines()

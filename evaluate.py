@@ -1,74 +1,107 @@
 """
-Evaluates MLCAK checkpoints on a test set: AUROC per local label (MLCT) with its numbers of positives and
-negatives, their mean over the labels where AUROC is defined, and normal/abnormal AUROC (MCCT), with bootstrap
-intervals (bootstrap.py) and the localization of each model's attention (maps.py).
+Evaluates MLCAK checkpoints as the paper reports them: AUROC per local label (MLCT) and their mean, normal/abnormal
+AUROC (MCCT), and where each model's attention falls (attention maps, the paper's Fig. 3), with bootstrap intervals.
 
     python evaluate.py runs/teacher-224-*/best.pt runs/mlcak-28-*/best.pt
     python evaluate.py CKPT --data /data/vindr-cxr      # another dataset than the one the checkpoint names
     python evaluate.py CKPT... --maps figures/          # attention maps over the images (the paper's Fig. 3)
     python evaluate.py runs/*/best.pt --seeds           # runs of several seeds: tables over seeds, pooled tests
-    python evaluate.py CKPT... --images scans/ x.dcm    # your own X-rays, unlabelled: predictions.csv (predict.py)
+    python evaluate.py CKPT... --images scans/ x.dcm    # your own X-rays, unlabelled: a line each and predictions.csv
+
+    auroc(y, score)                      the paper's metric, from ranks (Mann-Whitney U)
+    predict(model, dataset, res)         the model's probabilities: local (N, L) and P(abnormal) (N,)
+    summary(prediction, label_names)     AUROC per label with its positives and negatives, their mean, normal/abnormal
+    evaluate_checkpoints(paths, dataset) the above for each checkpoint, with intervals, localization, differences
 
 A student checkpoint is evaluated at its own resolution (the HR test image, reduced by
-mlcak.simulate_low_resolution). Each checkpoint gets a JSON file beside it (best.pt -> best.eval.json).
+mlcak.simulate_low_resolution). Each checkpoint gets a JSON file beside it (best.pt -> best.eval.json). The
+bootstrap, the tables and the figures are in machinery/ (bootstrap.py, tables.py, attention_maps.py).
 """
 
 import argparse
+import csv
 import json
 import math
 import os
 import sys
 
 import numpy as np
+import torch
 
 import data
-import layouts
-from bootstrap import auroc_rows, hierarchical, image_weights, interval, mean_over_defined, p_value, paired_difference
-from maps import localization_score, pick_rows, write_figures
-from predict import predict, predict_images
-from runtime import CheckpointError, Parser, load_checkpoint, pick_device, run_cli, run_name, writable
+from machinery.attention_maps import localization_score, pick_rows, write_figures
+from machinery.bootstrap import image_weights, interval, paired_difference, scores
+from machinery.layouts import image_files
+from machinery.runtime import (
+    CheckpointError,
+    Parser,
+    label_mismatch,
+    load_checkpoint,
+    pick_device,
+    run_cli,
+    run_name,
+    writable,
+)
+from machinery.tables import format_table, seed_report
+from mlcak import model_input
 
 
-def scores(prediction, weights, groups=None, located=None):
+def auroc(y_true, y_score):
     """
-    Every score of one model, the one place each is computed, under each row of image weights (R, N): {name: (R,)};
-    weights of ones (1, N) give the scores on the test set itself. 'per label' is AUROC per local label (R, L),
-    'mean local' their mean over the labels defined in that resample, a group's name the mean over its labels
-    (groups: {name: [label index]}), 'normal/abnormal' the global AUROC; with located = (rows, in_box, hit) per image
-    that has boxes (from maps.localization_score), 'attention in box' and 'pointing game' are their weighted means.
+    AUROC = P(score of a random positive > score of a random negative), ties counting one half: the Mann-Whitney U
+    statistic of the P positives and N negatives, from the ranks of all scores (tied scores share their mean rank):
+
+        AUROC = (sum of the positives' ranks - P (P + 1) / 2) / (P N)
+
+    NaN for a label with one class only (never 0 or 0.5, which would bias a mean over labels).
     """
-    local, abnormal, y_local, y_abnormal = prediction
-    per_label = np.stack([auroc_rows(y_local[:, k], local[:, k], weights) for k in range(y_local.shape[1])], 1)  # (R, L)
-    out = {"mean local": mean_over_defined(per_label), "per label": per_label}
-    out.update({name: mean_over_defined(per_label[:, index]) for name, index in (groups or {}).items()})
-    out["normal/abnormal"] = auroc_rows(y_abnormal, abnormal, weights)
-    if located is not None:
-        rows, in_box, hit = located
-        w = weights[:, rows]  # (R, images with boxes)
-        out["attention in box"], out["pointing game"] = (w @ in_box) / w.sum(1), (w @ hit) / w.sum(1)
-    return out
+    y = np.asarray(y_true).astype(bool).ravel()
+    P, N = int(y.sum()), int((~y).sum())
+    if P == 0 or N == 0:
+        return math.nan
+    _, group, counts = np.unique(np.asarray(y_score, np.float64).ravel(), return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[group]  # 1-based; a tie group shares its mean rank
+    return float((ranks[y].sum() - P * (P + 1) / 2) / (P * N))
+
+
+@torch.no_grad()
+def predict(model, dataset, res, norm, device, batch_size=32):
+    """Local probabilities (N, L), P(abnormal) (N,) and the matching targets, in dataset order, each image seen at
+    the model's resolution res."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    local, abnormal, y_local, y_abnormal = [], [], [], []
+    for images, targets, target_abnormal, _ in loader:
+        z_local, z_global, _ = model(model_input(images.to(device), res, norm))
+        local.append(torch.sigmoid(z_local).float().cpu())
+        abnormal.append(torch.softmax(z_global.float(), dim=-1)[:, 1].cpu())
+        y_local.append(targets)
+        y_abnormal.append(target_abnormal)
+    return tuple(torch.cat(part).numpy() for part in (local, abnormal, y_local, y_abnormal))
 
 
 def summary(prediction, label_names):
-    """The scores on the test set itself, with each label's counts: what train.py validates on and prints."""
-    point = scores(prediction, np.ones((1, len(prediction[3]))))
-    positives = prediction[2].sum(0).astype(int)
-    per_label = {name: dict(auroc=float(point["per label"][0, k]), positives=int(positives[k]),
-                            negatives=len(prediction[2]) - int(positives[k])) for k, name in enumerate(label_names)}
-    return dict(per_label=per_label, mean_local_auroc=float(point["mean local"][0]),
-                labels_defined=int(np.isfinite(point["per label"][0]).sum()), labels_total=len(label_names),
-                normal_abnormal_auroc=float(point["normal/abnormal"][0]), n_images=len(prediction[3]),
-                n_abnormal=int(np.sum(prediction[3])))
+    """AUROC of each local label with its numbers of positives and negatives, the mean over the labels where AUROC is
+    defined (both classes present), and normal/abnormal AUROC: what train.py validates on and prints."""
+    local, abnormal, y_local, y_abnormal = prediction
+    per_label = np.array([auroc(y_local[:, k], local[:, k]) for k in range(len(label_names))])
+    defined = ~np.isnan(per_label)
+    positives = y_local.sum(0).astype(int)
+    return dict(per_label={name: dict(auroc=float(per_label[k]), positives=int(positives[k]),
+                                      negatives=len(y_local) - int(positives[k])) for k, name in enumerate(label_names)},
+                mean_local_auroc=float(per_label[defined].mean()) if defined.any() else math.nan,
+                labels_defined=int(defined.sum()), labels_total=len(label_names),
+                normal_abnormal_auroc=auroc(y_abnormal, abnormal), n_images=len(y_abnormal),
+                n_abnormal=int(np.sum(y_abnormal)))
 
 
 def evaluate_checkpoints(paths, dataset, device="cpu", n_boot=1000, pairs=None, write_json=True, seed=0, groups=None):
     """
-    Evaluates checkpoints on one test set: AUROC per label, mean local AUROC (over all labels, and over each group
-    of labels in groups: {name: [label]}), normal/abnormal AUROC, and the localization of their attention where the
-    test set has boxes; with 95% bootstrap intervals (n_boot resamples of the test images, shared by all
-    checkpoints) and paired differences: for each (i, j) in pairs (default: every checkpoint against the first)
-    the difference j - i. Writes <checkpoint>.eval.json beside each. The resampled scores of each checkpoint are
-    kept in result["_samples"] (not written), for seed_report.
+    Evaluates checkpoints on one test set: summary() of each, the mean over each group of labels (groups: {name:
+    [label]}), and the localization of its attention where the test set has boxes; with 95% bootstrap intervals
+    (n_boot resamples of the test images, shared by all checkpoints) and paired differences: for each (i, j) in
+    pairs (default: every checkpoint against the first) the difference j - i. Writes <checkpoint>.eval.json beside
+    each. The resampled scores of each checkpoint are kept in result["_samples"] (not written), for seed_report.
     """
     n, rng = len(dataset), np.random.default_rng(seed)
     weights = image_weights(n, n_boot, rng) if n_boot else None
@@ -93,14 +126,12 @@ def evaluate_checkpoints(paths, dataset, device="cpu", n_boot=1000, pairs=None, 
                 m["ci"] = interval(samples["per label"][:, k]) if not math.isnan(m["auroc"]) else None
             result["_samples"] = samples
         results.append(result)
-    if pairs is None:
-        pairs = [(0, j) for j in range(1, len(paths))]
-    if n_boot:
-        for i, j in pairs:
-            a, b = results[i], results[j]
-            results[j].setdefault("differences", []).append(dict(against=a["name"], **{
-                key: paired_difference(a["scores"][key], b["scores"][key], a["_samples"][key], b["_samples"][key])
-                for key in a["scores"]}))
+    pairs = [(0, j) for j in range(1, len(paths))] if pairs is None else pairs
+    for i, j in pairs if n_boot else []:  # paired differences need the shared resamples
+        a, b = results[i], results[j]
+        b.setdefault("differences", []).append(dict(against=a["name"], **{
+            key: paired_difference(a["scores"][key], b["scores"][key], a["_samples"][key], b["_samples"][key])
+            for key in a["scores"]}))
     if write_json:
         for r in results:
             path = os.path.splitext(r["checkpoint"])[0] + ".eval.json"
@@ -119,178 +150,52 @@ def check_fit(path, ckpt, dataset, first):
     if ckpt["vit_config"]["img_size"] != dataset.meta["size"]:
         raise data.DataError(f"{path}: sees {ckpt['vit_config']['img_size']} px images, the test set was decoded at "
                              f"{dataset.meta['size']} px (for {first}); evaluate checkpoints of one --img-size together")
-    if dataset.label_names != ckpt["label_names"]:
-        k = next((k for k, (a, b) in enumerate(zip(ckpt["label_names"], dataset.label_names)) if a != b), None)
-        where = (f"label {k + 1} is '{ckpt['label_names'][k]}', the test set's '{dataset.label_names[k]}'" if k is not None
-                 else f"{len(ckpt['label_names'])} labels, the test set {len(dataset.label_names)}")
-        raise data.DataError(f"{path}: trained on other labels than the test set has ({where})")
+    mismatch = label_mismatch(ckpt["label_names"], dataset.label_names, "the test set")
+    if mismatch:
+        raise data.DataError(f"{path}: trained on other labels than the test set has ({mismatch})")
 
 
-def label_groups(path):
-    """{name: [label]} from label_groups.json beside a dataset (the synthetic set's coarse/subtle/fine), or {}."""
-    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    file = os.path.join(folder, "label_groups.json")
-    if not os.path.isfile(file):
-        return {}
-    with open(file) as f:
-        return json.load(f)
-
-
-# ------------------------------------------------------------------------------------------------ tables
-
-def number(value, signed=False):
-    """A score as the tables print it: 0.736 (+0.015 with signed), or n/a where it is undefined."""
-    if value is None or math.isnan(value):
-        return "n/a"
-    return f"{value:+.3f}" if signed else f"{value:.3f}"
-
-
-def span(ci, signed=False):
-    """An interval as the tables print it: [0.709, 0.761], or n/a."""
-    return "n/a" if math.isnan(ci[0]) else f"[{number(ci[0], signed)}, {number(ci[1], signed)}]"
-
-
-def p_text(p, resamples):
-    """'p = 0.034', 'p < 0.002' when no resample crossed 0 (the bootstrap cannot say more), or 'p n/a'."""
-    if math.isnan(p):
-        return "p n/a"
-    return f"p < {2 / resamples:.3f}" if p == 0 else f"p = {p:.3f}"
-
-
-def format_table(results):
-    """Several evaluations of one test set side by side: a row per label, a column per checkpoint."""
-    first = results[0]["per_label"]
-    width = max(14, *(len(r["name"]) for r in results)) + 2  # 14: an interval, [0.000, 1.000]
-
-    def row(label, cells):
-        return f"{label:<32}" + "".join(f"{c:>{width}}" for c in cells)
-
-    lines = [f"{'label':<22}{'pos/neg':>10}" + "".join(f"{r['name']:>{width}}" for r in results)]
-    for name, m in first.items():
-        cells = [number(r["per_label"][name]["auroc"]) for r in results]
-        lines.append(f"{name[:22]:<22}{m['positives']:>5}/{m['negatives']:<4}" + "".join(f"{c:>{width}}" for c in cells))
-    lines.append(row(f"mean local AUROC ({results[0]['labels_defined']}/{results[0]['labels_total']} labels)",
-                     [number(r["mean_local_auroc"]) for r in results]))
-    groups = [k for k in results[0].get("scores", {}) if k not in ("mean local", "normal/abnormal", "attention in box", "pointing game")]
-    lines += [row(f"  {g} findings", [number(r["scores"][g]) for r in results]) for g in groups]
-    lines.append(row("normal/abnormal AUROC", [number(r["normal_abnormal_auroc"]) for r in results]))
-    if "intervals" in results[0]:
-        for key, label in (("mean local", "  95% interval, mean local"), ("normal/abnormal", "  95% interval, normal/abn.")):
-            lines.append(row(label, [span(r["intervals"][key]) for r in results]))
-    if results[0].get("localization"):
-        for key in ("attention in box", "pointing game"):
-            lines.append(row(key, [number(r["scores"][key]) for r in results]))
-        lines.append(row("  (uniform map: chance)", [number(results[0]["localization"]["chance"])]))
-    if math.isnan(results[0]["normal_abnormal_auroc"]):
-        kind = "abnormal" if results[0]["n_abnormal"] == results[0]["n_images"] else "normal"
-        lines.append(f"normal/abnormal AUROC is n/a: all {results[0]['n_images']} test images are {kind}, so there "
-                     "is no normal-abnormal pair to rank")
-    for r in results:
-        for d in r.get("differences", []):
-            m = d["mean local"]
-            lines.append(f"{r['name']} - {d['against']}: mean local AUROC {number(m['difference'], True)} "
-                         f"{span(m['ci'], True)}, {p_text(m['p_value'], m['resamples'])} (two-sided, paired bootstrap "
-                         f"over the {r['n_images']} test images)")
-    return "\n".join(lines)
-
-
-def markdown_table(results):
-    """The paper's resolution table: a row per checkpoint, AUROC with intervals, localization, mlcak - baseline."""
-
-    def fmt(r, key):  # a score, with its interval where there is one
-        return number(r["scores"][key]) + (" " + span(r["intervals"][key]) if "intervals" in r else "")
-
-    boxes = results[0].get("localization") is not None  # without boxes, no localization columns
-    ci = " [95% CI]" if "intervals" in results[0] else ""  # none under --bootstrap 0
-    header = ["model", f"mean local AUROC{ci}", f"normal/abnormal AUROC{ci}"]
-    header += ["attention in box", "pointing game"] if boxes else []
-    header += ["difference in mean local AUROC [95% CI], p"] if ci else []  # paired differences need the resamples
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in results:
-        diff = "; ".join(f"{r['name'].split('@')[0]} - {d['against'].split('@')[0]}: "
-                         f"{number(d['mean local']['difference'], True)} {span(d['mean local']['ci'], True)}, "
-                         f"{p_text(d['mean local']['p_value'], d['mean local']['resamples'])}" for d in r.get("differences", []))
-        cells = [r["name"], fmt(r, "mean local"), fmt(r, "normal/abnormal")]
-        cells += [number(r["scores"][k]) for k in ("attention in box", "pointing game")] if boxes else []
-        lines.append("| " + " | ".join(cells + ([diff] if ci else [])) + " |")
-    if boxes:
-        chance = results[0]["localization"]["chance"]
-        lines.append(f"| uniform map (chance) | | | {chance:.3f} | {chance:.3f} |" + (" |" if ci else ""))
-    return "\n".join(lines)
-
-
-def seed_report(results, seed=0):
+def predict_images(checkpoints, paths, threshold=0.5, out_csv=None, maps=None, cache_dir=None, device="cpu"):
     """
-    Markdown tables over seeds, from evaluate_checkpoints of several seeds' checkpoints on one test set (with
-    bootstrap resamples): per model (role@res), each score's mean, sd and range over the seeds, and its mean with a
-    95% interval from a hierarchical bootstrap (seeds, and the shared test images); per seed, mlcak - baseline at
-    each resolution with its paired bootstrap interval over the test images; pooled over seeds, the mean difference
-    with its hierarchical interval and two-sided bootstrap p-value.
+    Every model on your own files (evaluate.py --images): one line per image and model with P(abnormal) and the
+    local labels whose probability is at least threshold (else the three most probable), all probabilities in out_csv
+    (default: predictions.csv beside the first checkpoint; a row per image and model, a column per label), and with
+    maps the figures of --maps. Each file enters a model as the training images did: decoded and squashed to the
+    checkpoint's --img-size in a cache (data.image_dataset), then brought to the model's resolution by
+    mlcak.model_input. Unreadable files are listed and skipped; none readable at all is a DataError.
     """
-    keys, rng = list(results[0]["scores"]), np.random.default_rng(seed)
-    n_images, resamples = results[0]["n_images"], len(results[0]["_samples"]["mean local"])
-
-    def order(r):  # teacher, baseline, mlcak; high resolution first
-        role, res = r["name"].split("@")
-        return {"teacher": 0, "baseline": 1}.get(role, 2), -int(res)
-
-    def spread(v):
-        sd = np.std(v, ddof=1) if len(v) > 1 else 0
-        return f"{np.mean(v):.3f} +- {sd:.3f} ({min(v):.3f} to {max(v):.3f})"
-
-    models = {}
-    for r in sorted(results, key=order):
-        if r["seed"] in models.setdefault(r["name"], {}):
-            raise data.DataError(f"--seeds: {models[r['name']][r['seed']]['checkpoint']} and {r['checkpoint']} are both "
-                                 f"{r['name']} of seed {r['seed']}; give each seed's run once")
-        models[r["name"]][r["seed"]] = r
-    header = ["| model | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
-    lines = [f"{n_images} test images, {resamples} bootstrap resamples; {len(results[0]['per_label'])} local labels.", "",
-             "Mean +- sd (range) over seeds:", ""] + header
-    for name, by_seed in models.items():
-        lines.append(f"| {name} | {len(by_seed)} | " + " | ".join(spread([r["scores"][k] for r in by_seed.values()]) for k in keys) + " |")
-    lines += ["", "Mean over seeds [95% interval, hierarchical bootstrap: seeds with replacement, and one resample of "
-              "the test images shared by all seeds in each draw]:", ""] + header
-    for name, by_seed in models.items():
-        cells = []
-        for k in keys:
-            ci = interval(hierarchical(np.stack([r["_samples"][k] for r in by_seed.values()]), rng))
-            cells.append(f"{number(np.mean([r['scores'][k] for r in by_seed.values()]))} {span(ci)}")
-        lines.append(f"| {name} | {len(by_seed)} | " + " | ".join(cells) + " |")
-    for name in models:
-        res = name.split("@")[1]
-        if not name.startswith("mlcak@") or f"baseline@{res}" not in models:
-            continue
-        mlcak, baseline = models[name], models[f"baseline@{res}"]
-        seeds = sorted(set(mlcak) & set(baseline))
-        lines += ["", f"{name} - baseline@{res}: per seed [95% interval, paired bootstrap over the test images], and "
-                  f"pooled over the {len(seeds)} seeds [95% interval, hierarchical bootstrap as above] with its two-sided "
-                  "bootstrap p-value:", "", "| seed | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-        for s in seeds:
-            cells = [paired_difference(baseline[s]["scores"][k], mlcak[s]["scores"][k], baseline[s]["_samples"][k],
-                                       mlcak[s]["_samples"][k]) for k in keys]
-            lines.append(f"| {s} | " + " | ".join(f"{number(d['difference'], True)} {span(d['ci'], True)}" for d in cells) + " |")
-        cells = []
-        for k in keys:
-            points = [mlcak[s]["scores"][k] - baseline[s]["scores"][k] for s in seeds]
-            d = hierarchical(np.stack([mlcak[s]["_samples"][k] - baseline[s]["_samples"][k] for s in seeds]), rng)
-            cells.append(f"**{number(np.mean(points), True)}** {span(interval(d), True)}, {p_text(p_value(d), len(d))}")
-        lines.append("| pooled | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------ command line
-
-def test_dataset(ckpt, data_path=None, cache_dir=None):
-    """The test set a checkpoint names (its cache, else its data source), or the one at data_path."""
-    if data_path is None and os.path.isfile(os.path.join(ckpt["data"]["test_cache"], "meta.json")):
-        try:
-            return data.XrayDataset(ckpt["data"]["test_cache"])
-        except data.DataError:  # damaged or of another version: made again from the source below
-            pass
-    options = {k: ckpt["args"][k] for k in ("readers", "uncertain", "views", "boxes") if k in ckpt["args"]}
-    source = layouts.load_source(data_path or ckpt["data"]["path"], "test", **options)
-    return data.XrayDataset(data.build_cache(source, ckpt["vit_config"]["img_size"], cache_dir))
+    files, others = image_files(paths)
+    loaded = [load_checkpoint(p, device) for p in checkpoints]
+    first = loaded[0][1]
+    for path, (_, ckpt) in zip(checkpoints, loaded):
+        if (ckpt["vit_config"]["img_size"], ckpt["label_names"]) != (first["vit_config"]["img_size"], first["label_names"]):
+            raise data.DataError(f"{path}: another --img-size or other labels than {checkpoints[0]}; give models of one run")
+    dataset, skipped = data.image_dataset(files, first["label_names"], first["vit_config"]["img_size"], cache_dir)
+    for reason in skipped:
+        print(f"skipped: {reason}")
+    if others:
+        print(f"ignored {len(others)} files that are not images by their names, e.g. {others[0]}")
+    if not len(dataset):
+        raise data.DataError(f"--images {' '.join(paths)}: none of the {len(files)} files is a readable image"
+                             + (f" (first: {skipped[0]})" if skipped else ""))
+    rows, names = [int(n) for n in dataset.indices], first["label_names"]
+    out_csv = out_csv or os.path.join(os.path.dirname(os.path.abspath(checkpoints[0])), "predictions.csv")
+    with open(out_csv, "w", newline="") as f:
+        table = csv.writer(f)
+        table.writerow(["path", "model", "abnormal"] + names)
+        for model, ckpt in loaded:
+            local, abnormal, _, _ = predict(model, dataset, ckpt["res"], ckpt["norm"], device)
+            print(f"\n{run_name(ckpt)}: P(abnormal), and the local labels at p >= {threshold:g} (else the three most probable)")
+            for k, n in enumerate(rows):
+                order = np.argsort(-local[k], kind="stable")
+                above = [j for j in order if local[k, j] >= threshold]
+                found = ", ".join(f"{names[j]} {local[k, j]:.2f}" for j in (above or order[:3]))
+                print(f"{dataset.image_ids[n]}  abnormal {abnormal[k]:.3f}  {found if above else 'none; highest ' + found}")
+                table.writerow([dataset.image_ids[n], run_name(ckpt), f"{abnormal[k]:.6f}"] + [f"{p:.6f}" for p in local[k]])
+    print(f"\nwrote {len(rows)} images x {len(loaded)} model(s) to {out_csv}")
+    if maps:
+        print(f"wrote {write_figures(maps, dataset, loaded, rows, device)} figures and overview.png to {maps}")
+    return out_csv
 
 
 def main(argv=None):
@@ -329,13 +234,12 @@ def main(argv=None):
         predict_images(args.checkpoints, args.images, args.threshold, args.out_csv, args.maps, args.cache_dir, device)
         return
     _, first = load_checkpoint(args.checkpoints[0])
-    dataset = test_dataset(first, args.data, args.cache_dir)
-    groups = label_groups(args.data or first["data"]["path"])
+    dataset = data.test_dataset(first, args.data, args.cache_dir)
+    groups = data.label_groups(args.data or first["data"]["path"])
     results = evaluate_checkpoints(args.checkpoints, dataset, device, args.bootstrap, seed=args.seed, groups=groups)
     if args.maps:
         rows = pick_rows(dataset, args.map_ids.split(",") if args.map_ids else None, args.num_maps)
-        loaded = [load_checkpoint(p, device) for p in args.checkpoints]
-        count = write_figures(args.maps, dataset, loaded, rows, device)
+        count = write_figures(args.maps, dataset, [load_checkpoint(p, device) for p in args.checkpoints], rows, device)
     print(format_table(results))
     for r in results:
         if r.get("eval_json"):

@@ -4,7 +4,8 @@ A plain Vision Transformer, written out by hand, whose attention matrices can be
 This is the backbone of MLCAK (Akhter et al., "Low-Resolution Chest X-ray Classification via Knowledge
 Distillation and Multi-task Learning", arXiv 2405.13370): the same class serves as the high-resolution teacher
 and the low-resolution student. It follows ViT (Dosovitskiy et al., arXiv 2010.11929) and uses the parameter
-names of timm's VisionTransformer, so ImageNet ViT/DeiT weights load with load_state_dict(strict=False).
+names of timm's VisionTransformer, so ImageNet ViT/DeiT weights load with load_state_dict(strict=False) (for
+train.py --init, machinery/pretrained.py moves their position embeddings to our grid and folds RGB to grey).
 
 Dimensions: B batch, C input channels, T tokens (class token included), P = T - 1 patches, D width,
 H heads, hd = D / H head width.
@@ -12,7 +13,6 @@ H heads, hd = D / H head width.
 This file imports torch alone; copy it into your project as it is.
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -196,77 +196,3 @@ class VisionTransformer(nn.Module):
 def pool_tokens(x, global_pool):
     """(B, T, D) -> (B, D): the class token, or the maximum over the patch tokens (the class token left out)."""
     return x[:, 0] if global_pool == "token" else x[:, 1:].amax(dim=1)
-
-
-def resample_pos_embed(pos_embed, new_grid, old_grid=None, num_prefix_tokens=1):
-    """
-    Moves position embeddings (1, prefix + h*w, D) to a new (h', w') patch grid by bicubic, antialiased
-    interpolation to an explicit size (never slicing, never a scale factor); prefix (class) slots are kept.
-    """
-    if isinstance(new_grid, int):
-        new_grid = (new_grid, new_grid)
-    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    if old_grid is None:
-        side = int(math.isqrt(grid.shape[1]))
-        if side * side != grid.shape[1]:
-            raise ValueError(f"pos_embed holds {grid.shape[1]} patch positions after {num_prefix_tokens} prefix "
-                             "slot(s): not a square grid (give old_grid)")
-        old_grid = (side, side)
-    old_grid = tuple(old_grid)
-    if old_grid == tuple(new_grid):
-        return pos_embed
-    D = grid.shape[-1]
-    grid = grid.reshape(1, old_grid[0], old_grid[1], D).permute(0, 3, 1, 2)  # (1, h*w, D) -> (1, D, h, w)
-    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bicubic", antialias=True, align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, D).to(pos_embed.dtype)  # (1, D, h', w') -> (1, h'*w', D)
-    return torch.cat([prefix, grid], dim=1)
-
-
-# the input normalizations that timm / DeiT checkpoints were trained with, per RGB channel: (mean, std)
-CHECKPOINT_NORMS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # DeiT, most timm ViTs
-                    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}                # timm's augreg ViTs
-
-
-def adapt_timm_state_dict(state_dict, model, checkpoint_norm="imagenet", input_norm=(0.5, 0.25)):
-    """
-    Converts a timm/DeiT ViT state_dict for `model` (grayscale input normalized as (g - mu) / sigma):
-
-        the checkpoint saw, per channel c, (g - m_c) / s_c for a gray pixel g shown as (g, g, g), so
-        W' = sigma * sum_c W_c / s_c      b' = b + sum_{c, pixels} W_c * (mu - m_c) / s_c
-
-    gives the same patch embedding as the pretrained model on the replicated gray image, normalization included.
-    pos_embed is resampled to the model's grid; classifier heads are dropped. A distilled DeiT (dist_token,
-    head_dist, pos_embed with two prefix slots) loads too: its distillation token and that token's position slot
-    are dropped. Returns (state_dict, report) with the keys 'loaded', 'converted', 'dropped'; raises ValueError
-    if the checkpoint is not a ViT of this width.
-    """
-    own = model.state_dict()
-    for key in ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "pos_embed"):
-        if key not in state_dict:
-            raise ValueError(f"not a timm/DeiT ViT state_dict: no '{key}'")
-    out, report = {}, {"loaded": [], "converted": [], "dropped": []}
-    for key, value in state_dict.items():
-        if key not in own:
-            report["dropped"].append(key)
-            continue
-        if key == "patch_embed.proj.weight" and own[key].shape[1] == 1:
-            mean, std = (torch.tensor(v, dtype=value.dtype)[: value.shape[1], None, None] for v in CHECKPOINT_NORMS[checkpoint_norm])
-            mu, sigma = input_norm
-            out["patch_embed.proj.bias"] = state_dict["patch_embed.proj.bias"] + (value * (mu - mean) / std).sum((1, 2, 3))
-            value = sigma * (value / std).sum(dim=1, keepdim=True)  # (D, C, p, p) -> (D, 1, p, p)
-            report["converted"] += [key, "patch_embed.proj.bias"]
-        elif key == "patch_embed.proj.bias" and own["patch_embed.proj.weight"].shape[1] == 1:
-            continue  # folded together with the weight above
-        elif key == "pos_embed" and value.shape != own[key].shape:
-            if "dist_token" in state_dict:  # DeiT's slots: class, distillation, then the patches; ours: class, patches
-                value = torch.cat([value[:, :1], value[:, 2:]], dim=1)  # (1, 2 + P, D) -> (1, 1 + P, D)
-                report["dropped"].append("pos_embed[:, 1] (the distillation token's slot)")
-            value = resample_pos_embed(value, model.patch_embed.grid_size)
-            report["converted"].append(key)
-        if value.shape != own[key].shape:
-            raise ValueError(f"checkpoint does not fit this model: {key} is {tuple(value.shape)}, "
-                             f"the model has {tuple(own[key].shape)} (another ViT width or depth, or a convolutional stem?)")
-        out[key] = value
-        if key not in report["converted"]:
-            report["loaded"].append(key)
-    return out, report

@@ -9,7 +9,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from layouts import LOCAL_LABELS
+from machinery.layouts import LOCAL_LABELS
 
 RAMP = np.tile(np.linspace(0, 4000, 16), (8, 1)).round()  # 8 x 16, stored values 0 .. 4000
 

@@ -11,11 +11,9 @@ from PIL import Image
 from pydicom.uid import JPEGLSLossless
 
 import data
-import decode
-import layouts
-import runtime
-import synthetic
+import machinery.cache
 from helpers import RAMP, vindr_folder, write_dicom, write_image, write_rows
+from machinery import decode, layouts, runtime, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "dicom")
@@ -245,18 +243,18 @@ def test_a_file_rewritten_with_its_old_size_and_time_is_decoded_again(tmp_path):
 
 def test_rebuild_decodes_a_complete_cache_again(tmp_path, monkeypatch):
     source, cache = synthetic_train(tmp_path)
-    monkeypatch.setattr(data, "Pool", InlinePool)
+    monkeypatch.setattr(machinery.cache, "Pool", InlinePool)
     folder = data.build_cache(source, 24, cache, verbose=False)
     decoded = []
-    real = data._decode_one
-    monkeypatch.setattr(data, "_decode_one", lambda job: decoded.append(job[0]) or real(job))
+    real = machinery.cache._decode_one
+    monkeypatch.setattr(machinery.cache, "_decode_one", lambda job: decoded.append(job[0]) or real(job))
     assert data.build_cache(source, 24, cache, verbose=False) == folder and decoded == []  # complete: reused
     assert data.build_cache(source, 24, cache, verbose=False, rebuild=True) == folder and len(decoded) == 12
 
 
 def test_a_cache_whose_targets_hold_a_pickled_object_is_damage_and_rebuilt(tmp_path, capsys, monkeypatch):
     source, cache = synthetic_train(tmp_path)
-    monkeypatch.setattr(data, "Pool", InlinePool)
+    monkeypatch.setattr(machinery.cache, "Pool", InlinePool)
     folder = data.build_cache(source, 24, cache, verbose=False)
     targets = dict(np.load(os.path.join(folder, "targets.npz")))
     targets["local"] = np.array([object()] * 12)  # an object array: np.load would have to unpickle it
@@ -281,12 +279,12 @@ def test_a_new_cache_takes_its_disk_space_at_once_and_a_full_disk_is_one_line(tm
     assert st.st_blocks * 512 >= st.st_size > 3 * 512 * 512
     # a file size limit stands in for a full disk (the same OSError at allocation): one line, then a rerun resumes
     script = ("import resource, signal, sys; sys.path.insert(0, '.'); signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (100000, 100000)); import data, layouts; "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (100000, 100000)); import data; from machinery import layouts; "
               f"data.build_cache(layouts.load_source({str(tmp_path / 'set.csv')!r}, 'train'), 256, {str(tmp_path / 'c2')!r}, "
               "workers=1, verbose=False)")
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     last = result.stderr.strip().splitlines()[-1]
-    assert result.returncode != 0 and last.startswith("layouts.DataError: cache: cannot write in") and "File too large" in last
+    assert result.returncode != 0 and last.startswith("machinery.layouts.DataError: cache: cannot write in") and "File too large" in last
     rerun = data.build_cache(layouts.load_source(str(tmp_path / "set.csv"), "train"), 256, str(tmp_path / "c2"), workers=1,
                              verbose=False)
     assert len(data.XrayDataset(rerun).image_ids) == 3
@@ -295,7 +293,7 @@ def test_a_new_cache_takes_its_disk_space_at_once_and_a_full_disk_is_one_line(tm
 def test_interrupted_cache_build_resumes_where_it_stopped(tmp_path, monkeypatch):
     source, cache = synthetic_train(tmp_path)
     calls = []
-    real = data._decode_one
+    real = machinery.cache._decode_one
 
     def failing_after_five(job):
         if len(calls) == 5:
@@ -303,13 +301,13 @@ def test_interrupted_cache_build_resumes_where_it_stopped(tmp_path, monkeypatch)
         calls.append(job[0])
         return real(job)
 
-    monkeypatch.setattr(data, "_decode_one", failing_after_five)
-    monkeypatch.setattr(data, "Pool", InlinePool)
+    monkeypatch.setattr(machinery.cache, "_decode_one", failing_after_five)
+    monkeypatch.setattr(machinery.cache, "Pool", InlinePool)
     with pytest.raises(KeyboardInterrupt):
         data.build_cache(source, 24, cache, verbose=False)
     folder = os.path.join(cache, os.listdir(cache)[0])
     assert not os.path.exists(os.path.join(folder, "meta.json")) and np.load(os.path.join(folder, "done.npy")).sum() == 5
-    monkeypatch.setattr(data, "_decode_one", real)
+    monkeypatch.setattr(machinery.cache, "_decode_one", real)
     data.build_cache(source, 24, cache, verbose=False)
     ds = data.XrayDataset(folder)
     assert len(ds) == 12
@@ -330,7 +328,7 @@ def truncate(path, keep=1000):
 @pytest.mark.parametrize("complete", [False, True])
 def test_a_truncated_cache_is_said_and_rebuilt_never_read_as_black_images(tmp_path, capsys, complete, monkeypatch):
     source, cache = synthetic_train(tmp_path)
-    monkeypatch.setattr(data, "Pool", InlinePool)
+    monkeypatch.setattr(machinery.cache, "Pool", InlinePool)
     folder = data.build_cache(source, 24, cache, verbose=False)
     if not complete:  # an unfinished build: its flags say done, its pixels were cut off
         os.remove(os.path.join(folder, "meta.json"))

@@ -3,9 +3,10 @@ import math
 import numpy as np
 import pytest
 
-from bootstrap import auroc_rows, image_weights, interval, paired_difference
-from evaluate import format_table, scores, summary
-from maps import attention_maps, box_mask, colorize, localization, pick_rows, write_figures
+from evaluate import summary
+from machinery.attention_maps import attention_maps, box_mask, colorize, localization, pick_rows, write_figures
+from machinery.bootstrap import auroc_rows, image_weights, interval, paired_difference, scores
+from machinery.tables import format_table
 
 
 def auroc(y, s):
@@ -133,9 +134,8 @@ def test_map_figures_have_one_panel_per_checkpoint_plus_the_input(tmp_path):
     import torch
 
     import data
-    import layouts
-    import synthetic
-    from vit import ViTConfig, VisionTransformer
+    from machinery import layouts, synthetic
+    from vit import VisionTransformer, ViTConfig
 
     root = synthetic.make_synthetic(str(tmp_path / "syn"), n_train=2, n_test=4, seed=2, workers=1, verbose=False)
     test = data.XrayDataset(data.build_cache(layouts.load_source(root, "test"), 64, str(tmp_path / "cache"), workers=1,
@@ -173,7 +173,7 @@ def seed_results(gain, seeds=4, n=200):
 
 
 def test_seed_report_pools_seeds_and_finds_a_real_gain_but_not_a_null_one():
-    from evaluate import seed_report
+    from machinery.tables import seed_report
     report = seed_report(seed_results(gain=0.5))
     assert "| mlcak@28 | 4 |" in report and "| baseline@28 | 4 |" in report and report.count("| pooled |") == 1
     assert report.startswith("200 test images, 300 bootstrap resamples")
@@ -185,7 +185,7 @@ def test_seed_report_pools_seeds_and_finds_a_real_gain_but_not_a_null_one():
 
 def test_seed_report_names_a_seed_given_twice():
     import data
-    from evaluate import seed_report
+    from machinery.tables import seed_report
     results = seed_results(gain=0.0, seeds=2)
     results[2]["seed"] = 0  # a copy of seed 0's baseline under another file name
     with pytest.raises(data.DataError, match="baseline@28-0.pt and baseline@28-1.pt are both baseline@28 of seed 0"):

@@ -12,12 +12,12 @@ import torch
 
 import data
 import evaluate
-import layouts
-import runs
 import train
 from helpers import class_folders, write_image, write_rows
-from runtime import CheckpointError, save_checkpoint
-from vit import VARIANTS, ViTConfig, VisionTransformer
+from machinery import layouts, runs
+from machinery.cache import cache_folder
+from machinery.runtime import CheckpointError, save_checkpoint
+from vit import VARIANTS, VisionTransformer, ViTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,7 +130,7 @@ def teacher_file(path, labels, img_size=64, model="vit_cpu"):
 
 
 @pytest.mark.parametrize("labels, img_size, model, message", [
-    (["COVID", "TB"], 64, "vit_cpu", "trained on other labels (label 2 is 'TB', here 'PNEUMONIA')"),
+    (["COVID", "TB"], 64, "vit_cpu", "trained on other labels (label 2 is 'TB', this data's 'PNEUMONIA')"),
     (["COVID"], 64, "vit_cpu", "trained on other labels (it has 1 labels, this data 2)"),
     (["COVID", "PNEUMONIA"], 128, "vit_cpu", "sees 128 px in 17 tokens, the students 64 px in 5 tokens"),
     (["COVID", "PNEUMONIA"], 64, "vit_tiny", "sees 64 px in 17 tokens, the students 64 px in 5 tokens"),
@@ -265,7 +265,7 @@ def test_the_other_flags_that_change_numbers_name_new_folders_too(tmp_path):
     write_image(tmp_path / "a.png", 0, True)
     write_rows(tmp_path / "set.csv", ["path", "Nodule", "split"], [["a.png", -1, "train"], ["a.png", 1, "test"]])
     zeros, ones = (layouts.load_source(str(tmp_path / "set.csv"), "train", uncertain=u) for u in ("zeros", "ones"))
-    assert data.cache_folder(zeros) != data.cache_folder(ones)
+    assert cache_folder(zeros) != cache_folder(ones)
 
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import data
-import layouts
 import train
 from helpers import chexpert_folder, class_folders, nih_folder, vindr_folder, write_dicom, write_image, write_rows
+from machinery import layouts
 
 
 def short_run(capsys, tmp_path, dataset, *extra):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mlcak import attention_kd_loss, joint_loss, mlcak_map, simulate_low_resolution, targets_from_teacher
-from vit import ViTConfig, VisionTransformer
+from vit import VisionTransformer, ViTConfig
 
 
 def tiny_vit(embed_dim=24, depth=2, num_heads=3, seed=0):

@@ -9,12 +9,12 @@ from PIL import Image
 
 import data
 import evaluate
-import layouts
+from evaluate import predict
 from helpers import write_dicom, write_image, write_rows
-from maps import file_name
-from predict import predict
-from runtime import load_checkpoint, save_checkpoint
-from vit import VARIANTS, ViTConfig, VisionTransformer
+from machinery import layouts
+from machinery.attention_maps import file_name
+from machinery.runtime import load_checkpoint, save_checkpoint
+from vit import VARIANTS, VisionTransformer, ViTConfig
 
 LABELS = ["COVID", "PNEUMONIA"]
 

@@ -11,7 +11,7 @@ are drawn alike, so the population AUROC difference is 0.
 import numpy as np
 import pytest
 
-from bootstrap import auroc_rows, hierarchical, image_weights, interval, p_value
+from machinery.bootstrap import auroc_rows, hierarchical, image_weights, interval, p_value
 
 N, SEEDS, RESAMPLES, REPLICATES = 200, 5, 200, 400
 

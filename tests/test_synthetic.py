@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import layouts
-import synthetic
+from machinery import layouts, synthetic
 from mlcak import simulate_low_resolution
 
 

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 import data
-import runs
-import synthetic
-import train
+from machinery import runs, synthetic
+from machinery.cache import StageCache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -160,24 +159,27 @@ def test_two_gloo_processes_agree_with_one_at_the_same_global_batch(tiny):
             assert abs(x - y) <= 0.02
 
 
-def test_stage_data_gives_the_same_batches_from_memory_and_streamed(tiny, monkeypatch):
-    from vit import VARIANTS, ViTConfig, VisionTransformer
+def test_the_stage_cache_gives_the_same_batches_from_memory_and_streamed(tiny, monkeypatch):
+    from mlcak import model_input, targets_from_teacher
+    from vit import VARIANTS, VisionTransformer, ViTConfig
     tmp, _, _ = tiny
     cache = next(str(tmp / "cache" / c) for c in os.listdir(tmp / "cache") if c.startswith("vindr-train-224-"))
     dataset = data.XrayDataset(cache)
-    args = train.parse_args(["--batch-size", "8", "--out", str(tmp / "stage")])
     teacher = VisionTransformer(ViTConfig(num_local=22, **VARIANTS["vit_cpu"])).eval()
-    make = lambda: data.StageData(dataset, 28, teacher, True, lambda: torch.autocast("cpu", enabled=False), args,
-                                  runs.Ddp(torch.device("cpu")))
+    student_input = lambda hr: model_input(hr, 28, data.NORM)
+    teacher_targets = lambda hr: targets_from_teacher(teacher(model_input(hr, 224, data.NORM), return_attn=True))
+    make = lambda: StageCache(dataset, [student_input, teacher_targets], 8, 0, 0, runs.Ddp(torch.device("cpu")))
     kept = make()
-    monkeypatch.setattr(data.StageData, "LIMIT", 0)  # as if the table did not fit in memory
+    monkeypatch.setattr(StageCache, "LIMIT", 0)  # as if the results did not fit in memory
     streamed = make()
-    assert kept.table is not None and streamed.table is None and kept.steps == streamed.steps == len(dataset) // 8
-    for a, b in zip(kept.batches(1), streamed.batches(1)):
-        for x, y in zip((a[0], *a[1]), (b[0], *b[1])):  # model input and labels: the same values
+    assert kept.tables and not streamed.tables and kept.steps == streamed.steps == len(dataset) // 8
+    for (hr_a, labels_a, index_a), (hr_b, labels_b, index_b) in zip(kept.batches(1), streamed.batches(1)):
+        assert hr_a is None and hr_b.shape == (8, 1, 224, 224) and torch.equal(index_a, index_b)
+        for x, y in zip(labels_a, labels_b):
             assert torch.equal(x, y)
-        for x, y in zip(a[2], b[2]):  # the teacher's targets: computed in batches of another size
-            torch.testing.assert_close(x, y)
+        assert torch.equal(kept.get(student_input, hr_a, index_a), streamed.get(student_input, hr_b, index_b))
+        for x, y in zip(kept.get(teacher_targets, hr_a, index_a), streamed.get(teacher_targets, hr_b, index_b)):
+            torch.testing.assert_close(x, y)  # the teacher's targets: computed in batches of another size
 
 
 def free_port():
@@ -255,7 +257,7 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny):
 
 def test_init_from_a_distilled_deit_checkpoint_of_timm_names(tiny, tmp_path):
     tmp, _, _ = tiny
-    from vit import VARIANTS, ViTConfig, VisionTransformer
+    from vit import VARIANTS, VisionTransformer, ViTConfig
     rgb = VisionTransformer(ViTConfig(in_chans=3, img_size=224, **VARIANTS["vit_tiny"]))  # timm's ViT-Ti/16 layout
     state = {k: v for k, v in rgb.state_dict().items() if not k.startswith("head_")}
     state["head.weight"], state["head.bias"] = torch.randn(1000, 192), torch.randn(1000)
@@ -290,7 +292,7 @@ def test_bench_runs_every_measurement_on_given_data_and_leaves_no_run_folder(tmp
     # bench.py's numbers are measurements, not asserted here: only that each row is there and each rate is positive
     root = synthetic.make_synthetic(str(tmp_path / "syn"), n_train=40, n_test=8, seed=1, workers=1, verbose=False)
     (tmp_path / "tmp").mkdir()
-    result = subprocess.run([sys.executable, "bench.py", "--variants", "vit_cpu", "--seconds", "0.01", "--batch-size", "8",
+    result = subprocess.run([sys.executable, "-m", "machinery.bench", "--variants", "vit_cpu", "--seconds", "0.01", "--batch-size", "8",
                              "--data", root, "--cache-dir", str(tmp_path / "cache")], cwd=ROOT, capture_output=True,
                             text=True, timeout=300, env=dict(os.environ, TMPDIR=str(tmp_path / "tmp")))
     assert result.returncode == 0, result.stdout + result.stderr

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from vit import VARIANTS, ViTConfig, VisionTransformer, adapt_timm_state_dict, resample_pos_embed
+from machinery.pretrained import adapt_timm_state_dict, resample_pos_embed
+from vit import VARIANTS, VisionTransformer, ViTConfig
 
 
 def small_cfg(**kw):

@@ -1,20 +1,24 @@
 """
 What a training run keeps track of, beyond the method: its folder's name and reuse, its log.csv, its processes under
-torchrun and its clock. train.py's machinery, kept out of the reader's way (runtime.py holds what it shares with
+torchrun and its clock: train.py's machinery, kept out of the reader's way (runtime.py holds what it shares with
 evaluate.py).
 
     RunFolders(args, info, device)    teacher-224-<hash>, baseline-28-<hash>, mlcak-28-<hash>: named by every flag
                                       that changes a run's numbers, so a finished run is reused and a changed flag
-                                      trains anew; interrupted runs of the same data found for --resume
+                                      trains anew (claim); interrupted runs of the same data found for --resume
+    Run(role, res, run_dir, model)    one model's run around the paper's step: AdamW and its schedule, --resume,
+                                      DDP and compile, progress lines, log.csv, best.pt and last.pt
     finished(run_dir, epochs)         a run that reached its last epoch with finite weights
     EpochLog(run_dir)                 log.csv, one row per epoch
     Ddp(device)                       torchrun's environment: ranks, the process group, gathering
     Clock                             each stage's seconds, for the line a run ends with
 """
 
+import contextlib
 import csv
 import hashlib
 import json
+import math
 import os
 import time
 import uuid
@@ -23,10 +27,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from layouts import DataError
-from runtime import CheckpointError, NotReady, first_line, free_space, read_checkpoint, temporary_name
+from machinery.layouts import DataError
+from machinery.runtime import (
+    CheckpointError,
+    Lock,
+    NotReady,
+    TrainingError,
+    first_line,
+    free_space,
+    read_checkpoint,
+    save_checkpoint,
+    temporary_name,
+)
 from vit import VARIANTS
-
 
 # the flags that change a run's numbers: each is in its run folder's name (RunFolders), directly or through the caches
 # (--data, --uncertain, --views, --boxes); the others cannot change a number (--device only beyond rounding among fp32
@@ -83,6 +96,22 @@ class RunFolders:
             found.append(f"{os.path.join(self.args.out, name)} (epoch {last['epoch']}/{then.get('epochs')}; "
                          f"it had {', '.join(differ) or 'the same flags'})")
         return found
+
+
+    @contextlib.contextmanager
+    def claim(self, role, res, run_dir, ddp):
+        """Holds run_dir's lock (a second process with the same flags waits, then finds the run done) and yields
+        whether the run is to be trained: False where a finished run of these flags is there to be reused."""
+        with Lock(os.path.join(run_dir, ".lock"), f"the run {run_dir}", enabled=ddp.master):
+            if finished(run_dir, self.args.epochs):
+                ddp.say(f"{role}@{res}: reusing {run_dir}")
+                yield False
+                return
+            if self.args.resume and not os.path.isfile(os.path.join(run_dir, "last.pt")):
+                others = "; ".join(self.interrupted(role, res, run_dir)) or "none"
+                ddp.say(f"{role}@{res}: --resume: no interrupted run of these settings ({run_dir}), so it starts from "
+                        f"the beginning; interrupted runs of this data under other settings: {others}")
+            yield True
 
 
 def short_hash(obj):
@@ -218,3 +247,104 @@ class Clock:
     def line(self):
         parts = [f"{name} {s:.0f} s" + (f" ({n / s:.0f} img/s)" if n else "") for name, s, n in self.parts]
         return f"time: {time.time() - self.start:.0f} s in all; " + ", ".join(parts)
+
+
+def lr_factor(step, total, warmup):
+    """The learning rate, as a share of --lr, at a step: linear warmup, then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Run:
+    """
+    One model's training run, all of it but the paper's step (train.train): AdamW with weight decay on the weight
+    matrices (not on biases, norms and embeddings), linear warmup over --warmup of the steps then cosine decay
+    (lr_factor); --resume from last.pt (model, optimizer, schedule, RNG state); torch.compile and DDP around the
+    model (self.model; the unwrapped self.raw is what is saved, so no key carries 'module.' or '_orig_mod.'); a
+    progress line every --log-every steps and a stop at a non-finite loss (step); log.csv, best.pt (the best
+    validation mean local AUROC, or the last epoch where there is none) and last.pt (end_epoch).
+    """
+
+    def __init__(self, role, res, run_dir, model, steps_per_epoch, args, ddp, saved):
+        self.role, self.run_dir, self.args, self.ddp, self.saved = role, run_dir, args, ddp, saved
+        os.makedirs(run_dir, exist_ok=True)
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            (decay if p.ndim >= 2 and name not in ("pos_embed", "cls_token") else no_decay).append(p)
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+        self.steps_per_epoch, self.total = steps_per_epoch, args.epochs * steps_per_epoch
+        warmup = max(1, int(args.warmup * self.total))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, self.total, warmup))
+        self.raw = model
+        self.first_epoch, self.best, self.step = 0, -1.0, 0
+        self.last_path = os.path.join(run_dir, "last.pt")
+        if args.resume and os.path.isfile(self.last_path):
+            last = read_checkpoint(self.last_path)
+            model.load_state_dict(last["model"])
+            self.optimizer.load_state_dict(last["optimizer"])
+            self.scheduler.load_state_dict(last["scheduler"])
+            torch.set_rng_state(last["rng"])
+            self.first_epoch, self.best, self.step = last["epoch"], last["best"], last["step"]
+            ddp.say(f"{role}: resuming {self.last_path} after epoch {self.first_epoch}")
+        if args.compile:
+            model = torch.compile(model)
+        if ddp.on:
+            device = ddp.device
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.model = model
+        ddp.say(f"{role}: {sum(p.numel() for p in self.raw.parameters()) / 1e6:.2f}M parameters, res {res}, {self.total} "
+                f"steps, {'L_KD + L_cls' if saved['kd'] else 'L_cls'}, run folder {run_dir}")
+        self.log = EpochLog(run_dir, after_epoch=self.first_epoch)
+        self.start, self.start_step = time.time(), self.step
+
+    def epochs(self):
+        """The epochs still to train (all, or those after the one --resume found)."""
+        for epoch in range(self.first_epoch, self.args.epochs):
+            self.epoch_start, self.sums = time.time(), {}
+            yield epoch
+
+    def after_step(self, epoch, terms):
+        """Counts the step, sums its loss terms for log.csv, stops at a non-finite loss, prints progress."""
+        self.lr = self.args.lr * self.scheduler.lr_lambdas[0](self.step)  # this step's (the schedule moved on)
+        self.step += 1
+        self.sums = {k: self.sums.get(k, 0) + v for k, v in terms.items()}
+        if not torch.isfinite(terms["total"]):  # a host sync, but a NaN run must stop at once, not train on to the end
+            parts = " ".join(f"{k} {v.item():.4g}" for k, v in terms.items())
+            raise TrainingError(f"{self.role}: the loss is not finite at step {self.step} ({parts}); nothing of this "
+                                  "step was saved; try a lower --lr")
+        if self.ddp.master and (self.step % self.args.log_every == 0 or self.step == self.total):
+            rate = (self.step - self.start_step) * self.args.batch_size / (time.time() - self.start)
+            parts = " ".join(f"{k} {v.item():.4g}" for k, v in terms.items())
+            print(f"{self.role} epoch {epoch + 1}/{self.args.epochs} step {self.step}/{self.total} | {parts} | "
+                  f"{rate:.0f} img/s, ETA {(self.total - self.step) * self.args.batch_size / rate:.0f}s", flush=True)
+
+    def end_epoch(self, epoch, val):
+        """After an epoch's validation (evaluate.summary, or None): log.csv's row, best.pt and last.pt."""
+        score = val["mean_local_auroc"] if val else float("nan")
+        metrics = dict(epoch=epoch + 1, val_mean_local_auroc=score,
+                       val_normal_abnormal_auroc=val["normal_abnormal_auroc"] if val else None)
+        if self.ddp.master:
+            if val:
+                print(f"{self.role} epoch {epoch + 1}: val mean local AUROC {score:.3f} ({val['labels_defined']} labels), "
+                      f"normal/abnormal {val['normal_abnormal_auroc']:.3f}")
+            seconds = time.time() - self.epoch_start
+            self.log.add(epoch=epoch + 1, step=self.step, lr=f"{self.lr:.6g}",
+                         **{k: f"{float(v) / self.steps_per_epoch:.6g}" for k, v in self.sums.items()},
+                         val_mean_local_auroc=score, val_normal_abnormal_auroc=metrics["val_normal_abnormal_auroc"],
+                         seconds=f"{seconds:.2f}", images_per_second=f"{self.steps_per_epoch * self.args.batch_size / seconds:.1f}")
+            if math.isnan(score) or score > self.best:  # no validation score: best = last
+                self.best = score if not math.isnan(score) else self.best
+                save_checkpoint(os.path.join(self.run_dir, "best.pt"), self.raw, epoch=epoch + 1, step=self.step,
+                                metrics=metrics, **self.saved)
+            save_checkpoint(self.last_path, self.raw, epoch=epoch + 1, step=self.step, metrics=metrics, best=self.best,
+                            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                            rng=torch.get_rng_state(), **self.saved)
+        self.ddp.barrier()
+
+    def images(self):
+        """The images trained on in this process's run, and the rate its progress lines gave (bench.py compares it)."""
+        images = (self.step - self.start_step) * self.args.batch_size
+        return images, images / (time.time() - self.start)

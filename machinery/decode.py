@@ -5,7 +5,7 @@ Radiographs from files, as float32 images in [0, 1] that look as they should on 
     read_dicom(path)     stored values -> modality LUT or rescale -> VOI LUT or window -> MONOCHROME1 inverted
     resize_uint8(x, S)   squashed to S x S and quantized, as the cache keeps every image
 
-data.py decodes each training and test image through these once, into its cache; evaluate.py --images decodes a
+machinery/cache.py decodes each training and test image through these once; evaluate.py --images decodes a
 user's own files through the same ones, so a model sees them exactly as it saw its training images.
 """
 
@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from layouts import DataError
+from machinery.layouts import DataError
 
 # transfer syntaxes that pydicom cannot decode on its own, and what to install for them
 PLUGIN_HINTS = {

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from layouts import DataError
+from machinery.layouts import DataError
+from machinery.runtime import run_name
 from mlcak import mlcak_map, model_input, simulate_low_resolution
-from runtime import run_name
 
 
 @torch.no_grad()

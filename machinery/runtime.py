@@ -2,12 +2,12 @@
 The machinery train.py and evaluate.py share, none of it the method, kept out of the reader's way:
 
     save_checkpoint / read_checkpoint / load_checkpoint    plain dicts of tensors and values (weights_only loading)
-    Parser, run_cli                                        a bad flag or a failed run is one line, never a traceback
+    Parser, run_cli, shared_flags                          a bad flag or a failed run is one line, never a traceback
     pick_device                                            the device a command runs on
     writable, free_space, Lock, NotReady, progress_line    folders, disks, a second process, long work
 
-It sits below both scripts (and data.py, synthetic.py, maps.py, predict.py, runs.py): it imports vit.py, to rebuild
-a model from its checkpoint, and nothing else of ours.
+Everything in machinery/ may import it; it imports vit.py, to rebuild a model from its checkpoint, and nothing
+else of ours.
 """
 
 import argparse
@@ -23,11 +23,15 @@ from dataclasses import asdict
 
 import torch
 
-from vit import ViTConfig, VisionTransformer
+from vit import VisionTransformer, ViTConfig
 
 
 class CheckpointError(ValueError):
     """A file that is not a checkpoint of this model, or one that cannot be written; one line naming the file."""
+
+
+class TrainingError(Exception):
+    """The run cannot go on (a non-finite loss, a teacher that does not fit); the message is one line."""
 
 
 # -------------------------------------------------------------------------------------------------- checkpoints
@@ -87,6 +91,17 @@ def read_checkpoint(path):
     return ckpt
 
 
+def label_mismatch(trained, here, where):
+    """Where a checkpoint's labels differ from those of `where` (this data, the test set), as "label 2 is 'TB', the
+    test set's 'PNEUMONIA'", or None where they are the same."""
+    if list(trained) == list(here):
+        return None
+    k = next((k for k, (a, b) in enumerate(zip(trained, here)) if a != b), None)
+    if k is None:
+        return f"it has {len(trained)} labels, {where} {len(here)}"
+    return f"label {k + 1} is '{trained[k]}', {where}'s '{here[k]}'"
+
+
 def run_name(ckpt):
     """teacher@224, baseline@28, mlcak@28: the role and the resolution the model sees."""
     return f"{ckpt['role']}@{ckpt['res']}"
@@ -104,6 +119,19 @@ def load_checkpoint(path, device="cpu"):
 
 
 # -------------------------------------------------------------------------------------------------- command line
+
+def shared_flags():
+    """The flags of train.py that bench.py takes too, as an argparse parent parser."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--data", help="dataset folder or CSV file in a layout of README's 'Data' (default: synthetic "
+                   "VinDr-style data in data/synthetic)")
+    p.add_argument("--cache-dir", help="where decoded images are cached (default: data/cache in this project)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast for forward and loss")
+    return p
+
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr (and exit code 2), not a usage block."""

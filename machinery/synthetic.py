@@ -3,8 +3,8 @@ The synthetic default: chest radiograph-like phantoms with 22 findings, written 
 image_labels_*.csv, annotations_*.csv, three readers per training image), so that a fresh clone trains, and tests
 itself, without credentialed data. layouts.py reads the result like the real dataset; it never imports this file.
 
-    python synthetic.py data/synthetic                        # what train.py does on first use without --data
-    python synthetic.py data/synthetic-5000 --n-test 5000     # the same training images, 5,000 test images
+    python -m machinery.synthetic data/synthetic                     # what train.py does on first use without --data
+    python -m machinery.synthetic data/synthetic-5000 --n-test 5000  # the same training images, 5,000 test images
 
 The 22 findings come in three tiers: coarse ones stay visible at 28 x 28, fine ones (a few pixels wide, with zero
 local mean) only at high resolution, and subtle ones are attenuated at 28 x 28 but not gone. So a low-resolution
@@ -23,8 +23,8 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from layouts import GLOBAL_LABELS, LOCAL_LABELS
-from runtime import Lock, NotReady, progress_line
+from machinery.layouts import GLOBAL_LABELS, LOCAL_LABELS
+from machinery.runtime import Lock, NotReady, progress_line
 
 VERSION = 2  # of the generator: a change of drawing makes a new set
 

@@ -1,8 +1,8 @@
 """
 Speed of the hand-written ViT and of an MLCAK step, measured in one process on one machine.
 
-    python bench.py                                   # CPU: vit_cpu and vit_tiny at 224
-    python bench.py --device cuda --amp --batch-size 128
+    python -m machinery.bench                          # CPU: vit_cpu and vit_tiny at 224
+    python -m machinery.bench --device cuda --amp --batch-size 128
 
 Prints images per second for: our ViT's training step (forward, loss, backward, clipping, AdamW, as train.py takes
 it) on the explicit-attention and the fused path, and inference, against a reference ViT of the same size built from
@@ -13,6 +13,7 @@ three epochs of each stage on the default data (or --data), so the two compare i
 achieved GFLOP/s of the training step next to this machine's matrix-multiply peak, measured here too.
 """
 
+import argparse
 import contextlib
 import functools
 import io
@@ -25,13 +26,11 @@ import torch
 import torch.nn as nn
 
 import data
-import layouts
-import runs
-import synthetic
 import train
+from machinery import layouts, runs, synthetic
+from machinery.runtime import Parser, pick_device, shared_flags
 from mlcak import joint_loss, model_input, targets_from_teacher
-from runtime import Parser
-from vit import VARIANTS, PatchEmbed, ViTConfig, VisionTransformer, pool_tokens
+from vit import VARIANTS, PatchEmbed, VisionTransformer, ViTConfig, pool_tokens
 
 
 class ReferenceViT(nn.Module):
@@ -197,18 +196,16 @@ def bench_loop(args, device, epochs=3):
 
 
 def main(argv=None):
-    p = Parser(description="Benchmark our ViT and the MLCAK step.")
-    p.add_argument("--variants", nargs="+", default=["vit_cpu", "vit_tiny"], choices=sorted(VARIANTS), help="ViT variants to measure (default: vit_cpu vit_tiny)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per step (default: 32)")
-    p.add_argument("--seconds", type=float, default=1.0, help="length of a timed round (after 2 warm-up calls; the best of 3 rounds; default: 1)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default: cpu)")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--workers", type=int, default=0, help="data loader workers (default: 0)")
+    p = Parser(description="Benchmark our ViT and the MLCAK step; --data is what the loader and train.py's loop read.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter, parents=[shared_flags()])
+    p.add_argument("--variants", nargs="+", default=["vit_cpu", "vit_tiny"], choices=sorted(VARIANTS), help="ViT variants to measure")
+    p.add_argument("--seconds", type=float, default=1.0, help="length of a timed round (after 2 warm-up calls; the best of 3 rounds)")
     p.add_argument("--no-loop", dest="loop", action="store_false", help="skip train.py's loop on the data (run by default, for vit_cpu)")
-    p.add_argument("--data", help="dataset for the loader and the loop, in a layout train.py reads (default: the synthetic default data)")
-    p.add_argument("--cache-dir", help="where its decoded images are cached (default: data/cache in this project)")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    try:
+        device = pick_device(args.device)
+    except ValueError as err:
+        p.error(str(err))
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.amp else torch.float32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"

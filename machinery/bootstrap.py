@@ -5,6 +5,7 @@ AUROC and the bootstrap behind every interval and p-value the project prints (ev
     image_weights(n, R, rng)           R resamples of n test images with replacement, shared by every model
     interval, paired_difference        95% percentile intervals; paired differences with a two-sided bootstrap p
     hierarchical(samples, rng)         seeds with replacement, and one image resample shared by all seeds in a draw
+    scores(prediction, weights)        every score of one model under each resample: per label, means, localization
 
 What a p-value here is: twice the share of resampled differences on the far side of 0 (two-sided, bootstrap). It
 says how often a difference this far from 0 would arise if the resampled units (the test images; and the seeds,
@@ -93,3 +94,24 @@ def hierarchical(samples, rng):
     with warnings.catch_warnings():  # a draw whose seeds all leave a score undefined is NaN, on purpose
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(samples[seeds, np.arange(R)[:, None]], 1)  # (R, S) -> (R,)
+
+
+def scores(prediction, weights, groups=None, located=None):
+    """
+    Every score of one model under each row of image weights (R, N): {name: (R,)}; weights of ones (1, N) give the
+    scores on the test set itself (evaluate.summary computes those the plain way, and agrees to the bit). 'per
+    label' is AUROC per local label (R, L), 'mean local' their mean over the labels defined in that resample, a
+    group's name the mean over its labels (groups: {name: [label index]}), 'normal/abnormal' the global AUROC; with
+    located = (rows, in_box, hit) per image that has boxes (attention_maps.localization_score), 'attention in box'
+    and 'pointing game' are their weighted means.
+    """
+    local, abnormal, y_local, y_abnormal = prediction
+    per_label = np.stack([auroc_rows(y_local[:, k], local[:, k], weights) for k in range(y_local.shape[1])], 1)  # (R, L)
+    out = {"mean local": mean_over_defined(per_label), "per label": per_label}
+    out.update({name: mean_over_defined(per_label[:, index]) for name, index in (groups or {}).items()})
+    out["normal/abnormal"] = auroc_rows(y_abnormal, abnormal, weights)
+    if located is not None:
+        rows, in_box, hit = located
+        w = weights[:, rows]  # (R, images with boxes)
+        out["attention in box"], out["pointing game"] = (w @ in_box) / w.sum(1), (w @ hit) / w.sum(1)
+    return out
