@@ -34,17 +34,8 @@ from machinery.attention_maps import pick_rows, write_figures
 from machinery.cache import StageCache
 from machinery.pretrained import CHECKPOINT_NORMS, load_pretrained
 from machinery.runs import Clock, Ddp, Run, RunFolders, short_hash
-from machinery.runtime import (
-    CheckpointError,
-    Parser,
-    TrainingError,
-    label_mismatch,
-    load_checkpoint,
-    pick_device,
-    run_cli,
-    shared_flags,
-    writable,
-)
+from machinery.runtime import (CheckpointError, Parser, TrainingError, add_shared_flags, label_mismatch,
+                               load_checkpoint, pick_device, run_cli, writable)
 from machinery.tables import format_table, markdown_table
 from mlcak import joint_loss, model_input, targets_from_teacher
 from vit import VARIANTS, VisionTransformer, ViTConfig
@@ -208,9 +199,9 @@ def build_parser():
     p = Parser(description="Train an MLCAK teacher (HR) and students (LR), then test them. Every flag that changes the "
                "numbers names the run folder, so a finished run is reused only under the same flags; --workers, "
                "--log-every, --bootstrap, --out, --cache-dir, --rebuild-cache, --resume and --device (among fp32 "
-               "devices) cannot change them and are left out.", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-               parents=[shared_flags()])
+               "devices) cannot change them and are left out.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--res", type=int, nargs="+", default=[28], help="student resolution(s): 112, 56, 28 or any value from 8 to --img-size")
+    add_shared_flags(p)  # --data, --cache-dir, --batch-size, --workers, --device, --amp
     p.add_argument("--model", default="vit_cpu", choices=sorted(VARIANTS), help="ViT variant for teacher and students")
     p.add_argument("--img-size", type=int, default=224, help="high resolution: the teacher's input side")
     p.add_argument("--epochs", type=int, default=30, help="epochs for each stage")

@@ -28,7 +28,7 @@ import torch.nn as nn
 import data
 import train
 from machinery import layouts, runs, synthetic
-from machinery.runtime import Parser, pick_device, shared_flags
+from machinery.runtime import Parser, add_shared_flags, pick_device
 from mlcak import joint_loss, model_input, targets_from_teacher
 from vit import VARIANTS, PatchEmbed, VisionTransformer, ViTConfig, pool_tokens
 
@@ -196,8 +196,9 @@ def bench_loop(args, device, epochs=3):
 
 
 def main(argv=None):
-    p = Parser(description="Benchmark our ViT and the MLCAK step; --data is what the loader and train.py's loop read.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter, parents=[shared_flags()])
+    p = Parser(prog="python -m machinery.bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+               description="Benchmark our ViT and the MLCAK step; --data is what the loader and train.py's loop read.")
+    add_shared_flags(p)
     p.add_argument("--variants", nargs="+", default=["vit_cpu", "vit_tiny"], choices=sorted(VARIANTS), help="ViT variants to measure")
     p.add_argument("--seconds", type=float, default=1.0, help="length of a timed round (after 2 warm-up calls; the best of 3 rounds)")
     p.add_argument("--no-loop", dest="loop", action="store_false", help="skip train.py's loop on the data (run by default, for vit_cpu)")

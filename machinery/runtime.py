@@ -2,7 +2,7 @@
 The machinery train.py and evaluate.py share, none of it the method, kept out of the reader's way:
 
     save_checkpoint / read_checkpoint / load_checkpoint    plain dicts of tensors and values (weights_only loading)
-    Parser, run_cli, shared_flags                          a bad flag or a failed run is one line, never a traceback
+    Parser, run_cli, add_shared_flags                         a bad flag or a failed run is one line, never a traceback
     pick_device                                            the device a command runs on
     writable, free_space, Lock, NotReady, progress_line    folders, disks, a second process, long work
 
@@ -120,9 +120,8 @@ def load_checkpoint(path, device="cpu"):
 
 # -------------------------------------------------------------------------------------------------- command line
 
-def shared_flags():
-    """The flags of train.py that bench.py takes too, as an argparse parent parser."""
-    p = argparse.ArgumentParser(add_help=False)
+def add_shared_flags(p):
+    """The flags of train.py that bench.py takes too: the data, the batch, the device."""
     p.add_argument("--data", help="dataset folder or CSV file in a layout of README's 'Data' (default: synthetic "
                    "VinDr-style data in data/synthetic)")
     p.add_argument("--cache-dir", help="where decoded images are cached (default: data/cache in this project)")
@@ -130,7 +129,6 @@ def shared_flags():
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast for forward and loss")
-    return p
 
 
 class Parser(argparse.ArgumentParser):

@@ -323,7 +323,7 @@ def _write(root, n_train, n_test, seed, workers, verbose):
 
 if __name__ == "__main__":
     import argparse
-    p = argparse.ArgumentParser(description="Write the synthetic VinDr-CXR-style set.",
+    p = argparse.ArgumentParser(prog="python -m machinery.synthetic", description="Write the synthetic VinDr-CXR-style set.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("root", nargs="?", default=os.path.join("data", "synthetic"), help="folder to write")
     p.add_argument("--n-train", type=int, default=1000, help="training images (three readers each)")
