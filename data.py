@@ -5,7 +5,8 @@ a cache (machinery.cache), served as PyTorch datasets and split into train, vali
     load_splits(args) -> train, val, test, info    --data (or the synthetic default, made on first use), split, checked
     XrayDataset(folder)                            (image, local targets, abnormal, index) from a cache folder
     validation_rows, overlap_notes                 the validation images (never the test split's); leaks between splits
-    test_dataset(ckpt), image_dataset(files)       the test set a checkpoint names; your own files, unlabelled
+    test_dataset(ckpt)                             the test set a checkpoint names
+    image_files(paths), image_dataset(files)       your own files and folders (evaluate.py --images), unlabelled
 
 Low-resolution images are not made here: mlcak.simulate_low_resolution makes them from HR batches.
 """
@@ -203,3 +204,20 @@ def image_dataset(files, label_names, size, cache_dir=None):
     folder = build_cache(source, size, cache_dir, verbose=False)
     with open(os.path.join(folder, "skipped.txt")) as f:
         return XrayDataset(folder), f.read().splitlines()
+
+
+def image_files(paths):
+    """The files to predict, paths kept as given: each file named, and the images (by extension) in each folder named
+    and below it, sorted; hidden names (.DS_Store, .ipynb_checkpoints/) left out. Returns (files, other files)."""
+    files, others = [], []
+    for path in paths:
+        if os.path.isfile(path):
+            files.append(path)
+            continue
+        if not os.path.isdir(path):
+            raise DataError(f"--images {path}: no such file or folder")
+        for folder, subfolders, names in os.walk(path):
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+            for name in sorted(n for n in names if not n.startswith(".")):
+                (files if name.lower().endswith(layouts.IMAGE_EXTENSIONS) else others).append(os.path.join(folder, name))
+    return files, others

@@ -31,7 +31,6 @@ import torch
 import data
 from machinery.attention_maps import localization_score, pick_rows, write_figures
 from machinery.bootstrap import image_weights, interval, paired_difference, scores
-from machinery.layouts import image_files
 from machinery.runtime import (
     CheckpointError,
     Parser,
@@ -164,7 +163,7 @@ def predict_images(checkpoints, paths, threshold=0.5, out_csv=None, maps=None, c
     checkpoint's --img-size in a cache (data.image_dataset), then brought to the model's resolution by
     mlcak.model_input. Unreadable files are listed and skipped; none readable at all is a DataError.
     """
-    files, others = image_files(paths)
+    files, others = data.image_files(paths)
     loaded = [load_checkpoint(p, device) for p in checkpoints]
     first = loaded[0][1]
     for path, (_, ckpt) in zip(checkpoints, loaded):

@@ -3,7 +3,6 @@ The chest X-ray datasets as people download them, read into labelled images: for
 and global (MCCT) targets, its patient and split, and the finding boxes. cache.py decodes and caches the pixels.
 
     load_sources(path) -> {'train': Source, 'test': Source}    any layout below, files checked, boxes matched
-    image_files(paths) -> files, others                          your own files and folders (evaluate.py --images)
 
 Layouts, told apart by what --data holds (README, "Data"):
     VinDr-CXR (PhysioNet)  annotations/image_labels_{train,test}.csv, annotations_{train,test}.csv, {train,test}/*.dicom
@@ -421,20 +420,3 @@ def split_of(row, test_fraction):
 
 def load_source(path, split, **options):
     return load_sources(path, **options)[split]
-
-
-def image_files(paths):
-    """The files to predict, paths kept as given: each file named, and the images (by extension) in each folder named
-    and below it, sorted; hidden names (.DS_Store, .ipynb_checkpoints/) left out. Returns (files, other files)."""
-    files, others = [], []
-    for path in paths:
-        if os.path.isfile(path):
-            files.append(path)
-            continue
-        if not os.path.isdir(path):
-            raise DataError(f"--images {path}: no such file or folder")
-        for folder, subfolders, names in os.walk(path):
-            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-            for name in sorted(n for n in names if not n.startswith(".")):
-                (files if name.lower().endswith(IMAGE_EXTENSIONS) else others).append(os.path.join(folder, name))
-    return files, others
