@@ -33,7 +33,7 @@ from evaluate import evaluate_checkpoints, predict, summary
 from machinery.attention_maps import pick_rows, write_figures
 from machinery.cache import StageCache
 from machinery.pretrained import CHECKPOINT_NORMS, load_pretrained
-from machinery.runs import Clock, Ddp, Run, RunFolders, short_hash
+from machinery.runs import Clock, Ddp, Run, RunFolders, short_hash, stage_seed
 from machinery.runtime import (CheckpointError, Parser, TrainingError, add_shared_flags, label_mismatch,
                                load_checkpoint, pick_device, run_cli, writable)
 from machinery.tables import format_table, markdown_table
@@ -55,13 +55,13 @@ def main(argv=None):
         def fit(role, res, run_dir, teacher=None):  # train one model, unless a finished run of these flags is there
             with folders.claim(role, res, run_dir, ddp) as to_train:
                 if to_train:
-                    start, model = time.time(), initial_model(cfg, args, ddp)
+                    start, model = time.time(), initial_model(cfg, args, ddp, role)
                     images, _ = train(role, res, run_dir, model, teacher, train_set, val_set, args, ddp, info)
                     clock.add(f"{role}@{res}", time.time() - start, images)
 
         # Stage 1: the teacher sees the image at --img-size and learns from the labels alone (L_cls)
         teacher = None
-        if "mlcak" in methods(args):
+        if "mlcak" in methods(args) or args.teacher_only:
             if args.teacher:
                 ddp.say(f"teacher: {args.teacher}")
             else:
@@ -116,7 +116,7 @@ def train(role, res, run_dir, model, teacher, train_set, val_set, args, ddp, inf
 
     # Both depend on the image alone (no augmentation, a frozen teacher): the cache computes them once per image
     cache = StageCache(train_set, [student_input, teacher_targets] if kd else [student_input], args.batch_size,
-                       args.seed, args.workers, ddp)
+                       stage_seed(args.seed, role), args.workers, ddp)
     if cache.steps == 0:
         raise TrainingError(f"--batch-size {args.batch_size} is more than the {len(train_set)} training images: "
                             "not one step would run; lower --batch-size")
@@ -146,14 +146,16 @@ def train(role, res, run_dir, model, teacher, train_set, val_set, args, ddp, inf
 
 def methods(args):
     """Which students this command trains."""
+    if args.teacher_only:
+        return []
     if args.compare:
         return ["baseline", "mlcak"]
     return ["baseline"] if args.no_kd else ["mlcak"]
 
 
-def initial_model(cfg, args, ddp):
+def initial_model(cfg, args, ddp, role):
     """A fresh model of the stage, or one started from --init's timm/DeiT weights."""
-    torch.manual_seed(args.seed)  # per stage: a student starts the same whether or not a teacher trained before it
+    torch.manual_seed(stage_seed(args.seed, role))  # per stage: a student starts the same with or without a teacher
     model = VisionTransformer(cfg)
     if args.init:
         ddp.say(f"init: {args.init}: {load_pretrained(model, args.init, args.init_norm, data.NORM)}")
@@ -212,6 +214,8 @@ def build_parser():
     p.add_argument("--beta", type=float, default=1.0, help="weight of MSE on the global (MCCT) probabilities")
     p.add_argument("--gamma", type=float, default=1000.0, help="weight of MSE on the MLCAK attention maps")
     p.add_argument("--no-kd", action="store_true", help="train the baseline student: L_cls only, no teacher")
+    p.add_argument("--teacher-only", action="store_true", help="train (or reuse) the teacher alone, no student; with "
+                   "--no-kd runs of this recipe, the models that do not depend on the method")
     p.add_argument("--compare", action="store_true", help="train baseline and mlcak students at every --res; write a Markdown table and attention maps")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals of the final table (0: none)")
     p.add_argument("--teacher", help="teacher checkpoint to distil from (default: train one, or reuse it from --out)")
@@ -229,7 +233,7 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue unfinished runs from their last.pt (model, optimizer, schedule, epoch)")
     p.add_argument("--compile", action="store_true", help="torch.compile the trained model and the frozen teacher")
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
-    p.add_argument("--seed", type=int, default=0, help="seed for initialization and data order")
+    p.add_argument("--seed", type=int, default=0, help="seed for initialization and data order (the teacher's: --seed + 1000)")
     return p
 
 

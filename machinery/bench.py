@@ -189,7 +189,7 @@ def bench_loop(args, device, epochs=3):
         teacher = VisionTransformer(cfg).to(device).eval().requires_grad_(False)
         rates = {}
         for role, res, frozen in (("teacher", cfg.img_size, None), ("mlcak", 28, teacher)):
-            model = train.initial_model(cfg, targs, ddp)
+            model = train.initial_model(cfg, targs, ddp, role)
             _, rates[role] = train.train(role, res, os.path.join(out.name, role), model, frozen, train_set, val_set, targs,
                                          ddp, info)
     return rates

@@ -43,12 +43,12 @@ from vit import VARIANTS
 
 # the flags that change a run's numbers: each is in its run folder's name (RunFolders), directly or through the caches
 # (--data, --uncertain, --views, --boxes); the others cannot change a number (--device only beyond rounding among fp32
-# devices); and three choose which runs are made, each run's resolution and role naming its folder
+# devices); and four choose which runs are made, each run's resolution and role naming its folder
 FLAGS_THAT_MATTER = ("data", "model", "img_size", "epochs", "batch_size", "lr", "weight_decay", "warmup", "alpha", "beta",
                      "gamma", "teacher", "readers", "uncertain", "views", "boxes", "val_fraction", "init", "init_norm",
                      "amp", "tf32", "compile", "seed")
 FLAGS_THAT_DO_NOT = ("bootstrap", "out", "cache_dir", "rebuild_cache", "device", "workers", "resume", "log_every")
-FLAGS_THAT_CHOOSE_RUNS = ("res", "no_kd", "compare")
+FLAGS_THAT_CHOOSE_RUNS = ("res", "no_kd", "compare", "teacher_only")
 
 
 class RunFolders:
@@ -69,10 +69,11 @@ class RunFolders:
         numerics = dict(amp=args.amp, tf32=device.type == "cuda" and args.tf32, compile=args.compile)
         self.recipe.update({k: v for k, v in numerics.items() if v})
         self.train_cache = info["train_cache"]
-        self.teacher = os.path.join(args.out, f"teacher-{args.img_size}-{short_hash(self.recipe)}")
+        teacher_recipe = dict(self.recipe, seed=stage_seed(args.seed, "teacher"))
+        self.teacher = os.path.join(args.out, f"teacher-{args.img_size}-{short_hash(teacher_recipe)}")
         self.teacher_checkpoint = args.teacher or os.path.join(self.teacher, "best.pt")
         # an mlcak student is tied to its teacher: a given --teacher file, or the one this recipe trains
-        self.teacher_key = short_hash(args.teacher + str(os.path.getmtime(args.teacher))) if args.teacher else short_hash(self.recipe)
+        self.teacher_key = short_hash(args.teacher + str(os.path.getmtime(args.teacher))) if args.teacher else short_hash(teacher_recipe)
 
     def student(self, method, res):
         settings = dict(self.recipe, res=res)
@@ -112,6 +113,12 @@ class RunFolders:
                 ddp.say(f"{role}@{res}: --resume: no interrupted run of these settings ({run_dir}), so it starts from "
                         f"the beginning; interrupted runs of this data under other settings: {others}")
             yield True
+
+
+def stage_seed(seed, role):
+    """The seed of a stage's initial weights and data order: --seed for the students, --seed + 1000 for the teacher,
+    a separate model as in the paper, which never starts from the students' weights nor sees their data order."""
+    return seed + 1000 if role == "teacher" else seed
 
 
 def short_hash(obj):

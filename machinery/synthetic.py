@@ -5,10 +5,12 @@ itself, without credentialed data. layouts.py reads the result like the real dat
 
     python -m machinery.synthetic data/synthetic                     # what train.py does on first use without --data
     python -m machinery.synthetic data/synthetic-5000 --n-test 5000  # the same training images, 5,000 test images
+    python -m machinery.synthetic --survival                         # what each finding keeps at 112, 56 and 28
 
-The 22 findings come in three tiers: coarse ones stay visible at 28 x 28, fine ones (a few pixels wide, with zero
-local mean) only at high resolution, and subtle ones are attenuated at 28 x 28 but not gone. So a low-resolution
-baseline falls below the teacher, and one can measure where distillation helps and where it cannot.
+The 22 findings come in three tiers (TIERS) by what of them survives at the paper's resolutions: coarse ones all of
+it, subtle ones less at each step down, fine ones (a few pixels wide, with zero local mean) are there at 112 and
+mostly gone by 56. So what resolution removes shows: a student at 28 has less to learn from than one at 112, which
+has less than the teacher at 224, and one can measure where distillation helps and where it cannot.
 It is synthetic: results on it are not clinical results.
 """
 
@@ -21,25 +23,34 @@ from multiprocessing import Pool
 
 import numpy as np
 import pydicom
+import torch
 from PIL import Image
 
 from machinery.layouts import GLOBAL_LABELS, LOCAL_LABELS
 from machinery.runtime import Lock, NotReady, progress_line
+from mlcak import simulate_low_resolution
 
-VERSION = 2  # of the generator: a change of drawing makes a new set
+VERSION = 3  # of the generator: a change of drawing makes a new set (3: every tier graded over 112, 56 and 28)
 
-
-# Three tiers, by how much of what a finding changes in the image survives reduction to 28 x 28 (tests/test_synthetic):
-# coarse findings (shapes and shadows) stay, fine ones (a few pixels wide, with zero local mean) vanish, and subtle
-# ones are attenuated: part of them has a local mean that survives, part is fine detail that does not.
+RESOLUTIONS = (112, 56, 28)  # the paper's student resolutions
+# The tiers, the one definition of each: the share of what a finding changes in the image that survives at each of
+# RESOLUTIONS (survival(), the mean over four images) must lie in these (low, high) ranges, and fall from each
+# resolution to the next for subtle and fine findings. tests/test_synthetic.py holds every finding to its tier.
+TIERS = {"coarse": {112: (0.9, 2), 56: (0.9, 2), 28: (0.9, 2)},  # shapes and shadows: resolution takes nothing
+         "subtle": {112: (0.8, 2), 56: (0, 2), 28: (0.4, 0.7)},  # a local mean that survives, detail that does not
+         "fine": {112: (0.6, 2), 56: (0, 0.5), 28: (0, 0.5)}}    # present at 112, mostly gone by 56
 COARSE = {"Aortic enlargement", "Cardiomegaly", "Consolidation", "Edema", "Emphysema", "Lung Opacity",
           "Mediastinal shift", "Pleural effusion"}
 SUBTLE = {"Atelectasis", "Enlarged PA", "Infiltration", "Lung cavity", "Nodule/Mass", "Pleural thickening",
           "Pulmonary fibrosis"}
 FINE = {"Calcification", "Clavicle fracture", "ILD", "Lung cyst", "Other lesion", "Pneumothorax", "Rib fracture"}
 U = 1 / 224  # one pixel at the teacher's resolution, in image fractions: fine findings are a few U wide
-# the surviving share of each subtle finding's drawing, set so that 40% to 70% of what it changes survives at 28
-SUBTLE_MEAN = {"Atelectasis": 0.3, "Enlarged PA": 0.25, "Infiltration": 0.2, "Lung cavity": 0.3, "Nodule/Mass": 0.35,
+# the width (sigma, in U) of each finding drawn as dots or lines, and the period (in U) of each textured one
+SIGMA = {"Calcification": 1.1, "Clavicle fracture": 1.0, "Lung cyst": 1.0, "Other lesion": 1.2, "Pneumothorax": 1.0,
+         "Rib fracture": 0.9, "Nodule/Mass": 1.6, "Lung cavity": 1.3, "Pleural thickening": 1.4, "Pulmonary fibrosis": 1.3}
+PERIOD = {"Atelectasis": 12, "Enlarged PA": 12, "Infiltration": 22, "ILD": 11}
+# the share of each subtle finding's drawing that is a local mean (the rest is detail that averages away)
+SUBTLE_MEAN = {"Atelectasis": 0.25, "Enlarged PA": 0.4, "Infiltration": 0.2, "Lung cavity": 0.25, "Nodule/Mass": 0.35,
                "Pleural thickening": 0.3, "Pulmonary fibrosis": 0.45}
 
 
@@ -113,15 +124,15 @@ def synthetic_chest(rng, h, w, labels):
                            "Lung Opacity": (0.05, 0.05, 0.18)}[label]
             cy, cx, _ = lung_point()
             shape = _ellipse(Y, X, cy, cx, ry * r, rx * r, soft=0.15)
-            if label == "Atelectasis":  # plate-like: thin horizontal striations in a faint band
-                shape = _textured(shape, np.cos(2 * np.pi * Y / (3 * U)), SUBTLE_MEAN[label])
+            if label == "Atelectasis":  # plate-like: a faint band of striations across it
+                shape = _textured(shape, np.cos(2 * np.pi * X / (PERIOD[label] * U)), SUBTLE_MEAN[label])
             img += amp * a * shape
             box = (cx - rx * r, cy - ry * r, cx + rx * r, cy + ry * r)
         elif label in ("Nodule/Mass", "Calcification", "Other lesion", "Lung cavity", "Lung cyst"):
             count, spread, sigma, amp, ring = {  # ring: radius in pixels of a ring-shaped wall, 0 for a dot
-                "Nodule/Mass": (5, 0.05, 1.6, 0.5, 0), "Calcification": (10, 0.04, 0.8, 0.9, 0),
-                "Other lesion": (6, 0.03, 1.2, 0.6, 0), "Lung cavity": (2, 0.04, 1.0, 0.6, 5),
-                "Lung cyst": (3, 0.05, 0.7, 0.6, 3.5)}[label]
+                "Nodule/Mass": (5, 0.05, SIGMA[label], 0.5, 0), "Calcification": (10, 0.04, SIGMA[label], 0.9, 0),
+                "Other lesion": (6, 0.03, SIGMA[label], 0.6, 0), "Lung cavity": (2, 0.04, SIGMA[label], 0.6, 5),
+                "Lung cyst": (3, 0.05, SIGMA[label], 0.6, 3.5)}[label]
             cy, cx, _ = lung_point()
             pts = [(cy + rng.uniform(-spread, spread), cx + rng.uniform(-spread, spread)) for _ in range(count)]
             for py, px in pts:
@@ -146,7 +157,7 @@ def synthetic_chest(rng, h, w, labels):
             for cy, cx in sites:  # a dark line 0.04 long, nearly across the bone
                 t = np.clip(((Y - cy) * 0.02 + (X - cx) * 0.004) / (0.02 ** 2 + 0.004 ** 2), -1, 1)
                 d = np.sqrt((Y - cy - t * 0.02) ** 2 + (X - cx - t * 0.004) ** 2) / U
-                img -= 0.5 * a * _fine(d, 0.8)
+                img -= 0.5 * a * _fine(d, SIGMA[label])
             ys, xs = [p[0] for p in sites], [p[1] for p in sites]
             box = (min(xs) - 7 * U, min(ys) - 0.02 - 4 * U, max(xs) + 7 * U, max(ys) + 0.02 + 4 * U)
         elif label == "Edema":
@@ -157,17 +168,17 @@ def synthetic_chest(rng, h, w, labels):
             box = (0.5 + dx - 0.34 * s, 0.14 + dy, 0.5 + dx + 0.34 * s, 0.8 + dy)
         elif label == "Enlarged PA":
             cy, cx, ry = 0.37 + dy, mid - 0.075, 0.035 * r
-            rings = np.cos(2 * np.pi * np.sqrt((Y - cy) ** 2 + (X - cx) ** 2) / (3 * U))  # concentric, 3 px apart
+            rings = np.cos(2 * np.pi * np.sqrt((Y - cy) ** 2 + (X - cx) ** 2) / (PERIOD[label] * U))  # concentric
             img += 0.3 * a * _textured(_ellipse(Y, X, cy, cx, ry, ry), rings, SUBTLE_MEAN["Enlarged PA"])
             box = (cx - ry, cy - ry, cx + ry, cy + ry)
         elif label == "ILD":
             lung, cx = lungs[rng.integers(2)]
             zone = lung * (Y > 0.5 + dy) * (np.abs(X - cx) < 0.1)
-            img += 0.15 * a * zone * np.sin(2 * np.pi * X / (4 * U)) * np.sin(2 * np.pi * Y / (4 * U))
+            img += 0.15 * a * zone * np.sin(2 * np.pi * X / (PERIOD[label] * U)) * np.sin(2 * np.pi * Y / (PERIOD[label] * U))
             box = (cx - 0.1, 0.5 + dy, cx + 0.1, 0.78 + dy)
         elif label == "Infiltration":
             cy, cx, _ = lung_point()
-            reticular = np.sin(2 * np.pi * (X + Y) / (3 * U)) * np.sin(2 * np.pi * (X - Y) / (3 * U))
+            reticular = np.sin(2 * np.pi * (X + Y) / (PERIOD[label] * U)) * np.sin(2 * np.pi * (X - Y) / (PERIOD[label] * U))
             for _ in range(3):
                 blob = _ellipse(Y, X, cy + rng.uniform(-0.04, 0.04), cx + rng.uniform(-0.04, 0.04), 0.025, 0.025, soft=0.2)
                 img += 0.2 * a * _textured(blob, reticular, SUBTLE_MEAN["Infiltration"])
@@ -184,7 +195,7 @@ def synthetic_chest(rng, h, w, labels):
             side = np.sign(cx - 0.5 - dx)
             edge = cx + side * 0.13 * s
             y0 = rng.uniform(0.22, 0.4) + dy
-            length, sigma = (0.12, 1.4) if label == "Pleural thickening" else (0.25, 0.8)
+            length, sigma = (0.12 if label == "Pleural thickening" else 0.25), SIGMA[label]
             t = np.clip((Y - y0) / length, 0, 1)  # a line along the lung edge, bowed out by up to 0.03
             d = np.where((Y >= y0) & (Y <= y0 + length), np.abs(X - edge - side * 0.03 * t * (1 - t) * 4) / U, np.inf)
             img += 0.5 * a * _fine(d, sigma, mean=SUBTLE_MEAN.get(label, 0.0))
@@ -196,7 +207,7 @@ def synthetic_chest(rng, h, w, labels):
                 y0, x0, y1, x1 = cy + oy, cx + ox, cy + oy + 0.03 * np.sin(ang), cx + ox + 0.03 * np.cos(ang)
                 t = np.clip(((Y - y0) * (y1 - y0) + (X - x0) * (x1 - x0)) / 0.03 ** 2, 0, 1)
                 d = np.sqrt((Y - y0 - t * (y1 - y0)) ** 2 + (X - x0 - t * (x1 - x0)) ** 2) / U
-                img += 0.5 * a * _fine(d, 0.7, mean=SUBTLE_MEAN["Pulmonary fibrosis"])
+                img += 0.5 * a * _fine(d, SIGMA[label], mean=SUBTLE_MEAN["Pulmonary fibrosis"])
             box = (cx - 0.08, cy - 0.08, cx + 0.08, cy + 0.08)
         boxes.append((label, *np.clip(box, 0, 1)))
     img = np.clip(img + quantum_noise, 0, 1) ** exposure  # contrast varies between machines
@@ -321,6 +332,30 @@ def _write(root, n_train, n_test, seed, workers, verbose):
                                                                                     ("fine", FINE))}, f, indent=1)
 
 
+def tier(label):
+    return "coarse" if label in COARSE else "subtle" if label in SUBTLE else "fine"
+
+
+def survival(label, seeds=range(4), size=224):
+    """{res: the share of what label changes in a size x size image that survives at res}, the mean over seeds:
+    sum |LR(with) - LR(without)| / sum |with - without|, LR = mlcak.simulate_low_resolution, the same image drawn
+    with and without the finding."""
+    kept = {res: [] for res in RESOLUTIONS}
+    for seed in seeds:
+        plain, _ = synthetic_chest(np.random.default_rng(seed), size, size, [])
+        drawn, _ = synthetic_chest(np.random.default_rng(seed), size, size, [label])
+        for res in RESOLUTIONS:
+            low = [simulate_low_resolution(torch.from_numpy(image)[None, None], res)[0, 0].numpy() for image in (drawn, plain)]
+            kept[res].append(np.abs(low[0] - low[1]).sum() / np.abs(drawn - plain).sum())
+    return {res: float(np.mean(k)) for res, k in kept.items()}
+
+
+def in_tier(name, kept):
+    """Whether survival() values lie in tier name's ranges (TIERS), falling with resolution where the tier says so."""
+    inside = all(low <= kept[res] <= high for res, (low, high) in TIERS[name].items())
+    return inside and (name == "coarse" or all(kept[a] > kept[b] for a, b in zip(RESOLUTIONS, RESOLUTIONS[1:])))
+
+
 if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser(prog="python -m machinery.synthetic", description="Write the synthetic VinDr-CXR-style set.",
@@ -329,5 +364,15 @@ if __name__ == "__main__":
     p.add_argument("--n-train", type=int, default=1000, help="training images (three readers each)")
     p.add_argument("--n-test", type=int, default=300, help="test images; the training images do not depend on it")
     p.add_argument("--seed", type=int, default=0, help="seed of the whole set")
+    p.add_argument("--survival", action="store_true", help="print what each finding keeps at 112, 56 and 28 and its "
+                   "tier's ranges, instead of writing a set")
     args = p.parse_args()
-    print(make_synthetic(args.root, args.n_train, args.n_test, args.seed))
+    if args.survival:
+        print(f"{'finding':<20}{'tier':<8}" + "".join(f"{res:>7}" for res in RESOLUTIONS) + "   tier's ranges")
+        for label in LOCAL_LABELS:
+            kept, name = survival(label), tier(label)
+            ranges = ", ".join(f"{res}: {low:g}..{min(high, 1):g}" for res, (low, high) in TIERS[name].items())
+            print(f"{label:<20}{name:<8}" + "".join(f"{kept[res]:>7.2f}" for res in RESOLUTIONS)
+                  + f"   {ranges}{'' if name == 'coarse' else ', falling'}{'' if in_tier(name, kept) else '  OUTSIDE'}")
+    else:
+        print(make_synthetic(args.root, args.n_train, args.n_test, args.seed))
