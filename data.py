@@ -201,15 +201,16 @@ def image_dataset(files, label_names, size, cache_dir=None):
     source = layouts.Source("images", "predict", list(files), [os.path.abspath(f) for f in files], list(label_names),
                             np.zeros((n, len(label_names)), np.uint8), np.zeros(n, np.uint8), np.zeros((0, 6), np.float32),
                             [], np.zeros((n, 2), np.float32), list(files), np.zeros(n, bool))
-    folder = build_cache(source, size, cache_dir, verbose=False)
-    with open(os.path.join(folder, "skipped.txt")) as f:
+    folder = build_cache(source, size, cache_dir, verbose=False, progress=True)  # a progress line: new files take a while
+    with open(os.path.join(folder, "skipped.txt"), errors="surrogateescape") as f:
         return XrayDataset(folder), f.read().splitlines()
 
 
 def image_files(paths):
-    """The files to predict, paths kept as given: each file named, and the images (by extension) in each folder named
-    and below it, sorted; hidden names (.DS_Store, .ipynb_checkpoints/) left out. Returns (files, other files)."""
-    files, others = [], []
+    """The files to predict, paths kept as given: each file named, and the images (layouts.is_image_file: by name, or
+    by content where the name has no extension) in each folder named and below it, sorted; hidden names (.DS_Store,
+    .ipynb_checkpoints/) left out. Returns (files, other files, links that lead to no file: broken, or a loop)."""
+    files, others, broken = [], [], []
     for path in paths:
         if os.path.isfile(path):
             files.append(path)
@@ -219,5 +220,9 @@ def image_files(paths):
         for folder, subfolders, names in os.walk(path):
             subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
             for name in sorted(n for n in names if not n.startswith(".")):
-                (files if name.lower().endswith(layouts.IMAGE_EXTENSIONS) else others).append(os.path.join(folder, name))
-    return files, others
+                file = os.path.join(folder, name)
+                if not os.path.isfile(file):  # a link to nothing: a broken link, or one in a loop
+                    broken.append(file)
+                else:
+                    (files if layouts.is_image_file(file) else others).append(file)
+    return files, others, broken

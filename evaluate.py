@@ -163,14 +163,14 @@ def predict_images(checkpoints, paths, threshold=0.5, out_csv=None, maps=None, c
     checkpoint's --img-size in a cache (data.image_dataset), then brought to the model's resolution by
     mlcak.model_input. Unreadable files are listed and skipped; none readable at all is a DataError.
     """
-    files, others = data.image_files(paths)
+    files, others, broken = data.image_files(paths)
     loaded = [load_checkpoint(p, device) for p in checkpoints]
     first = loaded[0][1]
     for path, (_, ckpt) in zip(checkpoints, loaded):
         if (ckpt["vit_config"]["img_size"], ckpt["label_names"]) != (first["vit_config"]["img_size"], first["label_names"]):
             raise data.DataError(f"{path}: another --img-size or other labels than {checkpoints[0]}; give models of one run")
     dataset, skipped = data.image_dataset(files, first["label_names"], first["vit_config"]["img_size"], cache_dir)
-    for reason in skipped:
+    for reason in [f"{link}: a link that leads to no file (broken, or a loop)" for link in broken] + skipped:
         print(f"skipped: {reason}")
     if others:
         print(f"ignored {len(others)} files that are not images by their names, e.g. {others[0]}")

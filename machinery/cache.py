@@ -13,17 +13,17 @@ import hashlib
 import json
 import os
 import time
-from multiprocessing import Pool
 
 import numpy as np
 import torch
 
 from machinery.decode import read_image, resize_uint8
 from machinery.layouts import DataError
-from machinery.runtime import Lock, NotReady, free_space, progress_line, temporary_name
+from machinery.runtime import Lock, NotReady, WorkerPool, free_space, progress_line, temporary_name
 
 PROJECT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")  # data/ of this project
 CACHE_VERSION = 3  # 3: box origins and the files' ctime in the key
+DecoderPool = WorkerPool  # the worker processes that decode (tests run them in-process)
 
 
 # ---------------------------------------------------------------------------------------------- decoded images, on disk
@@ -47,7 +47,7 @@ def cache_key(source, size):
                                  source.image_ids, source.groups]).encode())
     for p in source.paths:
         st = os.stat(p)
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}".encode())
+        h.update(os.fsencode(p) + f"|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}".encode())  # any name's bytes
     for array in (source.local, source.abnormal, source.boxes, source.frames, source.val):
         h.update(np.ascontiguousarray(array).tobytes())
     return h.hexdigest()
@@ -84,31 +84,31 @@ def damage(folder, n, size):
     return None
 
 
-def build_cache(source, size=224, cache_root=None, workers=None, verbose=True, create=True, rebuild=False):
+def build_cache(source, size=224, cache_root=None, workers=None, verbose=True, create=True, rebuild=False, progress=None):
     """
     Decodes every image of a layouts.Source once (all cores), squashed to size x size, into <folder>/images.npy (uint8,
     memory-mapped) with targets.npz (labels, boxes, frames, a digest of each image's pixels) and meta.json.
     Re-running after an interrupt continues where it stopped; unreadable files are skipped and listed in
     skipped.txt; a damaged cache is said and rebuilt; rebuild=True decodes every file again. One process builds
     a cache at a time (a lock beside it); create=False waits for another process's build (NotReady until it is
-    complete). Returns the folder.
+    complete). progress (default: verbose) prints the progress line alone. Returns the folder.
     """
     folder = cache_folder(source, size, cache_root)
     if not rebuild and os.path.isfile(os.path.join(folder, "meta.json")) and not damage(folder, len(source.paths), size):
         return folder
     if not create:
         raise NotReady(folder)
-    with Lock(os.path.join(folder, ".lock"), f"the cache {folder}"):
-        try:
+    try:
+        with Lock(os.path.join(folder, ".lock"), f"the cache {folder}"):
             if not rebuild and os.path.isfile(os.path.join(folder, "meta.json")) and not damage(folder, len(source.paths), size):
                 return folder  # built by the process that held the lock
-            return _build(folder, source, size, workers, verbose, rebuild)
-        except OSError as err:  # a full disk, a file size limit: said, and the next run resumes what was written
-            raise DataError(f"cache: cannot write in {folder} ({err.strerror or err}; {free_space(folder)} free); "
-                            "free some space or give --cache-dir on another disk, then run again to resume") from None
+            return _build(folder, source, size, workers, verbose, progress, rebuild)
+    except OSError as err:  # a read-only folder, a full disk, a file size limit: said; the next run resumes what was written
+        raise DataError(f"cache: cannot write in {folder} ({err.strerror or err}; {free_space(folder)} free); "
+                        "give --cache-dir on a writable disk with space (or free some), then run again to resume") from None
 
 
-def _build(folder, source, size, workers, verbose, rebuild):
+def _build(folder, source, size, workers, verbose, progress, rebuild):
     N = len(source.paths)
     complete = os.path.isfile(os.path.join(folder, "meta.json"))
     problem = damage(folder, N, size) if complete or os.path.isfile(os.path.join(folder, "done.npy")) else None
@@ -141,7 +141,7 @@ def _build(folder, source, size, workers, verbose, rebuild):
     if verbose and not fresh:
         print(f"cache: resuming {folder}, {int(done.sum())} of {N} images already there")
     try:
-        with Pool(workers or os.cpu_count()) as pool:
+        with DecoderPool(workers or os.cpu_count(), describe=lambda job: f"reading {job[1]}", error=DataError) as pool:
             for count, (n, pixels, shape, error) in enumerate(pool.imap_unordered(_decode_one, todo, chunksize=8), 1):
                 if error:
                     errors[n] = error
@@ -150,14 +150,14 @@ def _build(folder, source, size, workers, verbose, rebuild):
                 if time.time() - last > 2 or count == len(todo):
                     save_progress()
                     last = time.time()
-                    if verbose:
+                    if verbose if progress is None else progress:
                         print("\r" + progress_line(f"cache {source.split}", count, len(todo), start), end="", flush=True)
     finally:
         save_progress()
-        if verbose and todo:
+        if (verbose if progress is None else progress) and todo:
             print()
     skipped = [errors[n] for n in sorted(errors)]
-    with open(os.path.join(folder, "skipped.txt"), "w") as f:
+    with open(os.path.join(folder, "skipped.txt"), "w", errors="surrogateescape") as f:  # file names as they are
         f.writelines(line + "\n" for line in skipped)
     if skipped and verbose:
         print(f"cache: {len(skipped)} unreadable files skipped, listed in {folder}/skipped.txt; first: {skipped[0]}")

@@ -14,10 +14,13 @@ import os
 import numpy as np
 import pydicom
 from PIL import Image, ImageOps
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_modality_lut
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from machinery.layouts import DataError
+
+MAX_PIXELS = 100_000_000  # 10,000 x 10,000: the largest image decoded (a chest radiograph is at most about 4,300 a side)
+MAX_ASPECT = 4  # the longest side at most this many times the shortest: anything narrower is not a chest radiograph
 
 # transfer syntaxes that pydicom cannot decode on its own, and what to install for them
 PLUGIN_HINTS = {
@@ -49,23 +52,22 @@ def read_dicom(path):
         raise DataError(f"{path}: not a readable DICOM file ({type(err).__name__}: {err})") from None
     if "PixelData" not in ds:
         raise DataError(f"{path}: DICOM file has no pixel data")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise DataError(f"{path}: a DICOM of {frames} frames; a radiograph has one")
+    check_size(path, int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))  # as claimed, before decoding anything
     try:
         pixels = ds.pixel_array
     except Exception as err:
         hint = f"; install a decoder: pip install {PLUGIN_HINTS[syntax]}" if syntax in PLUGIN_HINTS else ""
         raise DataError(f"{path}: cannot decode pixel data ({type(err).__name__}: {str(err).splitlines()[0]}){hint}") from None
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise DataError(f"{path}: a DICOM of {frames} frames; a radiograph has one")
     if ds.get("SamplesPerPixel", 1) == 3:  # a colour capture (a scanned film, a screenshot): display-ready, made grey
         grey = pixels.astype(np.float64) @ [0.299, 0.587, 0.114]  # (H, W, 3) -> (H, W), ITU-R BT.601 luma
         return np.clip(grey / (2 ** int(ds.get("BitsStored", 8)) - 1), 0, 1).astype(np.float32)
-    image = apply_modality_lut(pixels, ds).astype(np.float64)
+    image = finite(path, apply_modality_lut(pixels, ds).astype(np.float64))
     if "VOILUTSequence" in ds:
-        # a LUT is indexed by integers (pydicom warns on floats); its output spans 0 .. 2^bits - 1, as declared
-        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        image = apply_voi_lut(np.rint(image).astype(np.int64), ds, prefer_lut=True).astype(np.float64)
-        low, high = 0, 2 ** bits - 1
+        image, bits = voi_lut(path, image, ds.VOILUTSequence[0])
+        low, high = 0, 2 ** bits - 1  # a LUT's output spans 0 .. 2^bits - 1, as its descriptor declares
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         # either tag may hold several windows (a multi-value): the first is the default view
         centre, width = (float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)
@@ -83,6 +85,49 @@ def read_dicom(path):
     return image.astype(np.float32)
 
 
+def voi_lut(path, image, item):
+    """
+    The first VOI LUT applied: output = LUTData[clip(value - first, 0, entries - 1)], by LUT Descriptor (entries,
+    first stored value, bits per output; 0 entries means 65,536). Written out here because pydicom 3 casts the values
+    to the LUT's own width first, so an 8-bit LUT over 12-bit values looks up each value modulo 256. Returns the
+    looked-up image and the bits of its output.
+    """
+    try:
+        entries, first, bits = (int(v) for v in item.LUTDescriptor)
+        data = item.LUTData
+        if isinstance(data, bytes):  # OW: 16-bit words, or an 8-bit LUT packed into bytes
+            data = np.frombuffer(data, np.uint8 if len(data) == (entries or 65536) else "<u2")
+        table = np.asarray(data, np.float64).ravel()
+    except Exception as err:
+        raise DataError(f"{path}: its VOI LUT cannot be read ({type(err).__name__}: {err})") from None
+    if not 1 <= bits <= 16 or len(table) != (entries or 65536):
+        raise DataError(f"{path}: its VOI LUT holds {len(table)} entries of {bits} bits, its descriptor says {entries or 65536}")
+    index = np.clip(np.rint(image) - first, 0, len(table) - 1).astype(np.int64)
+    return table[index], bits
+
+
+def check_size(path, rows, columns):
+    """A DataError for an image too large to decode safely, or too narrow to be a chest radiograph, named by its size."""
+    if rows * columns > MAX_PIXELS:
+        raise DataError(f"{path}: {columns} x {rows} pixels ({rows * columns / 1e6:.0f} million; at most {MAX_PIXELS / 1e6:.0f} "
+                        "million are decoded): not decoded")
+    if min(rows, columns) * MAX_ASPECT < max(rows, columns):
+        raise DataError(f"{path}: {columns} x {rows} pixels, an aspect of 1:{max(rows, columns) / max(min(rows, columns), 1):.0f}"
+                        f" (at most 1:{MAX_ASPECT} is a radiograph): not used")
+
+
+def finite(path, image):
+    """image with its finite pixels kept; NaN (a masked region) and -inf read as the darkest value there is and +inf
+    as the brightest. An image without one finite pixel is a DataError."""
+    ok = np.isfinite(image)
+    if ok.all():
+        return image
+    if not ok.any():
+        raise DataError(f"{path}: no pixel is a finite number (all NaN or infinite)")
+    low, high = image[ok].min(), image[ok].max()
+    return np.where(ok, image, np.where(image == np.inf, high, low))
+
+
 def read_image(path):
     """
     DICOM (by extension or content), or any image Pillow reads (PNG, JPEG, BMP, TIFF, WebP, GIF), as float32 in
@@ -96,12 +141,15 @@ def read_image(path):
         return read_dicom(path)
     try:
         with Image.open(path) as im:
+            check_size(path, im.height, im.width)  # from the header, before any pixel is decoded
             im = ImageOps.exif_transpose(im)  # a phone or scanner JPEG may be stored on its side
             if im.mode.startswith(("I", "F")):
-                image = np.asarray(im, np.float32)
-                image = (image - image.min()) / max(float(image.max() - image.min()), 1e-6)
+                image = finite(path, np.asarray(im, np.float64))  # a float TIFF may hold NaN where it is masked
+                image = ((image - image.min()) / max(float(image.max() - image.min()), 1e-6)).astype(np.float32)
             else:
                 image = np.asarray(im.convert("L"), np.float32) / 255.0
+    except DataError:
+        raise
     except Exception as err:
         if pydicom.misc.is_dicom(path):
             return read_dicom(path)

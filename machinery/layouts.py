@@ -47,6 +47,21 @@ NORMAL_NAMES = {"normal", "no finding", "no_finding", "nofinding", "negative"}  
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm", ".dicom")
 
 
+def is_image_file(path):
+    """An image by its name (IMAGE_EXTENSIONS), or, where the name has no extension (DICOM media, as
+    DICOM/PA000000/ST000000/SE000000/IM000000), by its content: the DICM preamble. DICOMDIR is an index, not an image."""
+    name = os.path.basename(path)
+    if name.lower().endswith(IMAGE_EXTENSIONS):
+        return True
+    if "." in name or name.upper() == "DICOMDIR":
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 class DataError(Exception):
     """Bad input: the message is one line that names the path, column or label at fault."""
 
@@ -114,7 +129,13 @@ def read_csv(path, required=()):
     delimiter = next((d for d in (";", "\t") if d in first and "," not in first), ",")
     reader = csv.DictReader(io.StringIO(text, newline=""), restval="", delimiter=delimiter)  # a short row's missing cells: blank
     header = [c.strip() for c in reader.fieldnames or []]
-    repeated = sorted({c for c in header if header.count(c) > 1})
+    for k in (k for k, c in enumerate(header) if not c):  # an unnamed column is fine while it is empty, never dropped full
+        cells = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+        held = next(((line, row[k]) for line, row in enumerate(cells, 1) if line > 1 and len(row) > k and row[k].strip()), None)
+        if held:
+            raise DataError(f"{path}: column {k + 1} has no name in the header but holds values ('{held[1]}' on line "
+                            f"{held[0]}); name it (a label?) or delete it")
+    repeated = sorted({c for c in header if c and header.count(c) > 1})
     if repeated:
         raise DataError(f"{path}: the header names column '{repeated[0]}' {header.count(repeated[0])} times; each column "
                         "once (a repeated label would keep only its last column)")
@@ -306,7 +327,7 @@ def read_class_folders(root, **_):
                 if name.startswith("."):
                     hidden.append(os.path.join(folder, name))
                     continue
-                if not name.lower().endswith(IMAGE_EXTENSIONS):
+                if not is_image_file(os.path.join(folder, name)):
                     ignored.append(os.path.join(folder, name))
                     continue
                 image_id = os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")

@@ -5,13 +5,17 @@ The machinery train.py and evaluate.py share, none of it the method, kept out of
     Parser, run_cli, add_shared_flags                         a bad flag or a failed run is one line, never a traceback
     pick_device                                            the device a command runs on
     writable, free_space, Lock, NotReady, progress_line    folders, disks, a second process, long work
+    WorkerPool                                             work on every core that ends, with a line, if a worker dies
 
 Everything in machinery/ may import it; it imports vit.py, to rebuild a model from its checkpoint, and nothing
 else of ours.
 """
 
 import argparse
+import contextlib
+import dataclasses
 import fcntl
+import multiprocessing
 import os
 import re
 import shutil
@@ -19,6 +23,9 @@ import signal
 import sys
 import time
 import uuid
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 
 import torch
@@ -74,20 +81,82 @@ def load_weights(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's own warnings about a pickle's protocol: the line below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # not a torch file, truncated, or a pickle of Python objects that weights_only refuses
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))  # torch names the object it refused to build
+        found = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"(\w[\w.]*)", pickled_globals(path))
         if found:
             raise CheckpointError(f"{path}: not a plain-tensor checkpoint: it holds a pickled {found.group(1)}, "
                                   "which was refused (weights_only loading never runs such code)") from None
-        raise CheckpointError(f"{path}: not a plain-tensor checkpoint ({first_line(err)})") from None
+        why = re.search(r"WeightsUnpickler error: \s*(.+)", str(err))  # past torch's paragraph on its defaults
+        raise CheckpointError(f"{path}: not a plain-tensor checkpoint ("
+                              f"{why.group(1).strip() if why else first_line(err)})") from None
+
+
+def pickled_globals(path):
+    """The Python objects (module.name) a pickle file, or the data.pkl of a torch zip file, would build, other than
+    torch's own and plain containers, as text: what weights_only loading refuses. Read with pickletools, never run."""
+    import pickletools
+    import zipfile
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                raw = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        else:
+            with open(path, "rb") as f:
+                raw = f.read()
+        found, strings = [], []
+        for op, arg, _ in pickletools.genops(raw):
+            if op.name in ("GLOBAL", "INST"):
+                found.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # not a pickle at all: nothing to name
+        return ""
+    return " ".join(g for g in found if not g.startswith(("torch.", "collections.OrderedDict", "builtins.")))
+
+
+# what a checkpoint of this project holds and this code reads: an entry of another type is named, never a traceback
+ENTRIES = {"model": (dict, "a dict of tensors"), "vit_config": (dict, "a dict of ViTConfig's fields"),
+           "role": (str, "teacher, baseline or mlcak"), "res": (int, "an integer resolution"),
+           "label_names": (list, "a list of label names"), "norm": (list, "[mean, std]"),
+           "args": (dict, "the training flags as a dict"), "data": (dict, "the data's path and caches as a dict")}
 
 
 def read_checkpoint(path):
-    """The dict save_checkpoint wrote, loaded with weights_only=True; CheckpointError (one line) for anything else."""
+    """The dict save_checkpoint wrote, loaded with weights_only=True, every entry this code reads checked
+    (ENTRIES, and each ViTConfig field); CheckpointError (one line naming the entry) for anything else."""
     ckpt = load_weights(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "vit_config" not in ckpt:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no 'model' and 'vit_config' entries)")
+    for key, (kind, what) in ENTRIES.items():
+        value = ckpt.get(key)
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+        if key == "model":
+            ok = ok and all(isinstance(v, torch.Tensor) for v in value.values())
+        elif key == "role":
+            ok = value in ("teacher", "baseline", "mlcak")
+        elif key == "label_names":
+            ok = ok and all(isinstance(v, str) for v in value)
+        elif key == "norm":
+            ok = ok and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+        elif key == "data":
+            ok = ok and all(isinstance(value.get(k), str) for k in ("path", "train_cache", "test_cache"))
+        if not ok:
+            held = "missing" if key not in ckpt else f"{type(value).__name__} {str(value)[:40]!r}"
+            raise CheckpointError(f"{path}: its entry '{key}' is {held}, expected {what}")
+    fields = {f.name: f.type for f in dataclasses.fields(ViTConfig)}
+    for key, value in ckpt["vit_config"].items():
+        if key not in fields:
+            raise CheckpointError(f"{path}: its vit_config has a field '{key}' this code does not know (a checkpoint of "
+                                  "another version of vit.py?)")
+        kind = {int: int, float: (int, float), str: str, tuple: (list, tuple)}[fields[key]]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(f"{path}: its vit_config field '{key}' is {type(value).__name__} {value!r}, expected "
+                                  f"{fields[key].__name__}")
     return ckpt
 
 
@@ -114,7 +183,7 @@ def load_checkpoint(path, device="cpu"):
         model = VisionTransformer(ViTConfig(**ckpt["vit_config"]))
         model.load_state_dict(ckpt["model"])
     except Exception as err:
-        raise CheckpointError(f"{path}: weights do not fit the config they were saved with ({type(err).__name__})") from None
+        raise CheckpointError(f"{path}: its weights do not fit its vit_config ({first_line(err)[:160]})") from None
     return model.to(device).eval(), ckpt
 
 
@@ -169,10 +238,19 @@ def run_cli(main, argv, errors, resume=True):
     go on where the command can resume.
     """
     previous = signal.signal(signal.SIGTERM, _terminate)
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 (old zips) are printed as the disk has them
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     try:
         main(argv)
     except errors as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as err:
+        if not isinstance(err, MemoryError) and not re.search(r"can't allocate memory|out of memory", str(err)):
+            raise
+        print(f"error: memory ran out ({first_line(err)[:120]}); lower --batch-size (and --workers), or run on a machine "
+              "with more memory", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:
         terminated = err.args == (signal.SIGTERM,)
@@ -203,6 +281,21 @@ def pick_device(name):
 
 
 # -------------------------------------------------------------------------------------------------- folders
+
+@contextlib.contextmanager
+def atomic_open(path, mode="w", **options):
+    """A file opened under a temporary name beside path and renamed onto it when the block ends without an error, so
+    that a reader never sees half a file: an interrupt, a crash or a full disk leaves the earlier one as it was, and
+    two processes writing one path at once each leave a whole file (the last to finish)."""
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, mode, **options) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
 
 def writable(folder):
     """None if files can be written in folder (made if missing), else the reason."""
@@ -268,3 +361,64 @@ class NotReady(Exception):
 def progress_line(what, done, total, start):
     rate = done / max(time.time() - start, 1e-9)
     return f"{what}: {done}/{total} ({rate:.0f}/s, ETA {(total - done) / max(rate, 1e-9):.0f}s)"
+
+
+_slot, _jobs_now = None, None  # in a worker process: its slot, and the shared array where it says which job it is on
+
+
+def _start_worker(jobs_now, counter):
+    global _slot, _jobs_now
+    with counter.get_lock():
+        _slot, counter.value = counter.value, counter.value + 1
+    _jobs_now = jobs_now
+
+
+def _run_chunk(fn, chunk):
+    results = []
+    for index, job in chunk:
+        _jobs_now[_slot] = index
+        results.append(fn(job))
+    _jobs_now[_slot] = -1
+    return results
+
+
+class WorkerPool:
+    """
+    Worker processes for long work on every core (decoding a cache, drawing the synthetic set), as
+    multiprocessing.Pool's imap and imap_unordered, except that a worker that dies (the kernel's OOM killer, a decoder
+    plugin's crash) ends the work with a DataError naming what it was on, where a multiprocessing.Pool waits for its
+    result for ever; and an interrupt (Ctrl-C, SIGTERM) ends the workers at once. describe(job) names a job.
+    """
+
+    def __init__(self, workers, describe=str, error=RuntimeError):
+        self.describe, self.error = describe, error
+        self.jobs_now = multiprocessing.Array("q", [-1] * workers, lock=False)  # each worker's job, -1 between jobs
+        self.executor = ProcessPoolExecutor(workers, initializer=_start_worker,
+                                            initargs=(self.jobs_now, multiprocessing.Value("i", 0)))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *_):
+        if kind is not None:  # an interrupt or an error: the workers end now, whatever they are on
+            for process in list((getattr(self.executor, "_processes", None) or {}).values()):
+                process.terminate()
+        self.executor.shutdown(wait=kind is None, cancel_futures=True)
+        return False
+
+    def _results(self, fn, jobs, chunksize, ordered):
+        chunks = [list(enumerate(jobs))[i:i + chunksize] for i in range(0, len(jobs), chunksize)]
+        futures = [self.executor.submit(_run_chunk, fn, chunk) for chunk in chunks]
+        try:
+            for future in futures if ordered else as_completed(futures):
+                yield from future.result()
+        except BrokenProcessPool:
+            on = [self.describe(jobs[i]) for i in self.jobs_now if 0 <= i < len(jobs)]
+            raise self.error(f"a worker process ended abruptly (killed by the system: out of memory?) while on "
+                             f"{' or '.join(on) or 'its work'}; nothing more was done") from None
+
+    def imap(self, fn, jobs, chunksize=1):
+        return self._results(fn, list(jobs), chunksize, ordered=True)
+
+    def imap_unordered(self, fn, jobs, chunksize=1):
+        return self._results(fn, list(jobs), chunksize, ordered=False)

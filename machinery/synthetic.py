@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import time
-from multiprocessing import Pool
 
 import numpy as np
 import pydicom
@@ -27,7 +26,7 @@ import torch
 from PIL import Image
 
 from machinery.layouts import GLOBAL_LABELS, LOCAL_LABELS
-from machinery.runtime import Lock, NotReady, progress_line
+from machinery.runtime import Lock, NotReady, WorkerPool, progress_line
 from mlcak import simulate_low_resolution
 
 VERSION = 3  # of the generator: a change of drawing makes a new set (3: every tier graded over 112, 56 and 28)
@@ -304,7 +303,7 @@ def _write(root, n_train, n_test, seed, workers, verbose):
     jobs = [(root, split, n, seed, weights / weights.sum()) for split, count in (("train", n_train), ("test", n_test))
             for n in range(count)]
     start, results = time.time(), []
-    with Pool(workers or os.cpu_count()) as pool:
+    with WorkerPool(workers or os.cpu_count(), describe=lambda job: f"drawing {job[1]} image {job[2]}") as pool:
         for count, result in enumerate(pool.imap(_synthetic_case, jobs, chunksize=8), 1):
             results.append(result)
             if verbose and (count % 100 == 0 or count == len(jobs)):

@@ -156,3 +156,10 @@ def vindr_folder(root, test_other="Other disease"):
         for i in ids:
             write_dicom(root / split / f"{i}.dicom", RAMP)
     return root
+
+
+def entries(role="teacher", res=64, labels=("COVID", "PNEUMONIA"), **more):
+    """The entries besides the weights that train.py writes into a checkpoint, for checkpoints the tests make."""
+    data = dict(path="", train_cache="", test_cache="")
+    return dict(dict(role=role, res=res, kd=role == "mlcak", norm=[0.5, 0.25], label_names=list(labels), epoch=1, args={},
+                     data=data), **more)

@@ -109,6 +109,52 @@ def test_corrupt_dicom_is_reported_by_name(tmp_path):
         decode.read_dicom(str(path))
 
 
+@pytest.mark.parametrize("window", [False, True])
+def test_an_8_bit_voi_lut_over_12_bit_values_looks_up_each_value_not_its_low_byte(tmp_path, window):
+    from pydicom.dataset import Dataset
+    stored = np.tile(np.arange(0, 4096, 64), (16, 1))  # 16 x 64, 12-bit values
+    lut = np.linspace(0, 255, 4096).round().astype(int)
+    item = Dataset()
+    item.add_new(0x00283002, "US", [4096, 0, 8])  # 4,096 entries from stored value 0, 8-bit outputs
+    item.add_new(0x00283006, "US", lut.tolist())
+    tags = dict(WindowCenter=100, WindowWidth=50) if window else {}  # a window beside the LUT: the LUT wins
+    image = decode.read_dicom(str(write_dicom(tmp_path / "lut8.dcm", stored, VOILUTSequence=[item], **tags)))
+    np.testing.assert_allclose(image, lut[stored] / 255, atol=1e-6)  # 0 .. 1, not 0 .. 0.06
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_float_tiff_with_nan_or_infinite_pixels_keeps_its_finite_ones(tmp_path, bad):
+    values = np.tile(np.linspace(100.0, 200.0, 32, dtype=np.float32), (32, 1))
+    values[:4, :4] = bad  # a masked corner, or one saturated pixel
+    Image.fromarray(values, mode="F").save(tmp_path / "x.tif")
+    image = decode.read_image(str(tmp_path / "x.tif"))
+    assert np.isfinite(image).all() and image[8:, 0].max() == 0 and image[8:, -1].min() == 1  # the ramp spread 0 .. 1
+    assert (image[:4, :4] == (1 if bad == np.inf else 0)).all()
+    Image.fromarray(np.full((32, 32), np.nan, np.float32), mode="F").save(tmp_path / "masked.tif")
+    with pytest.raises(data.DataError, match=r"masked.tif: no pixel is a finite number"):
+        decode.read_image(str(tmp_path / "masked.tif"))
+
+
+def test_an_image_of_one_row_is_named_with_its_aspect_not_stretched(tmp_path):
+    Image.fromarray(np.arange(1000, dtype=np.uint8)[None].repeat(1, 0)).save(tmp_path / "line.png")
+    with pytest.raises(data.DataError, match=r"line.png: 1000 x 1 pixels, an aspect of 1:1000 \(at most 1:4"):
+        decode.read_image(str(tmp_path / "line.png"))
+    path = write_dicom(tmp_path / "line.dcm", np.tile(np.arange(0, 4096, dtype=np.uint16), (1, 1)))
+    with pytest.raises(data.DataError, match=r"line.dcm: 4096 x 1 pixels, an aspect of 1:4096"):
+        decode.read_dicom(str(path))
+
+
+def test_a_dicom_claiming_a_huge_image_is_refused_by_its_header_before_decoding(tmp_path, monkeypatch):
+    from pydicom.uid import RLELossless
+    path = write_dicom(tmp_path / "bomb.dcm", RAMP, syntax=RLELossless)
+    ds = pydicom.dcmread(path)
+    ds.Rows = ds.Columns = 65535  # 4.5 KB on disk, 8.6 GB as claimed
+    ds.save_as(path)
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(lambda self: pytest.fail("decoded")))
+    with pytest.raises(data.DataError, match=r"bomb.dcm: 65535 x 65535 pixels \(4295 million; at most 100 million"):
+        decode.read_dicom(str(path))
+
+
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/dicom is not here (a user's clone)")
 def test_real_radiographs_decode_with_dark_lungs_or_name_their_plugin():
     no_meta = decode.read_dicom(os.path.join(SHARED, "chest-cr-mono1-10bit-no-meta.dcm"))
@@ -129,7 +175,7 @@ def test_real_radiographs_decode_with_dark_lungs_or_name_their_plugin():
 
 
 def test_a_16_bit_png_of_12_bit_values_keeps_its_grey_levels(tmp_path):
-    values = np.tile(np.arange(0, 4096, 4, dtype=np.uint16), (64, 1))  # 12-bit values in a 16-bit PNG
+    values = np.tile(np.arange(0, 4096, 4, dtype=np.uint16), (256, 1))  # 12-bit values in a 16-bit PNG
     Image.fromarray(values).save(tmp_path / "x.png")
     image = decode.read_image(str(tmp_path / "x.png"))
     assert image.min() == 0 and image.max() == 1
@@ -243,7 +289,7 @@ def test_a_file_rewritten_with_its_old_size_and_time_is_decoded_again(tmp_path):
 
 def test_rebuild_decodes_a_complete_cache_again(tmp_path, monkeypatch):
     source, cache = synthetic_train(tmp_path)
-    monkeypatch.setattr(machinery.cache, "Pool", InlinePool)
+    monkeypatch.setattr(machinery.cache, "DecoderPool", InlinePool)
     folder = data.build_cache(source, 24, cache, verbose=False)
     decoded = []
     real = machinery.cache._decode_one
@@ -254,7 +300,7 @@ def test_rebuild_decodes_a_complete_cache_again(tmp_path, monkeypatch):
 
 def test_a_cache_whose_targets_hold_a_pickled_object_is_damage_and_rebuilt(tmp_path, capsys, monkeypatch):
     source, cache = synthetic_train(tmp_path)
-    monkeypatch.setattr(machinery.cache, "Pool", InlinePool)
+    monkeypatch.setattr(machinery.cache, "DecoderPool", InlinePool)
     folder = data.build_cache(source, 24, cache, verbose=False)
     targets = dict(np.load(os.path.join(folder, "targets.npz")))
     targets["local"] = np.array([object()] * 12)  # an object array: np.load would have to unpickle it
@@ -302,7 +348,7 @@ def test_interrupted_cache_build_resumes_where_it_stopped(tmp_path, monkeypatch)
         return real(job)
 
     monkeypatch.setattr(machinery.cache, "_decode_one", failing_after_five)
-    monkeypatch.setattr(machinery.cache, "Pool", InlinePool)
+    monkeypatch.setattr(machinery.cache, "DecoderPool", InlinePool)
     with pytest.raises(KeyboardInterrupt):
         data.build_cache(source, 24, cache, verbose=False)
     folder = os.path.join(cache, os.listdir(cache)[0])
@@ -328,7 +374,7 @@ def truncate(path, keep=1000):
 @pytest.mark.parametrize("complete", [False, True])
 def test_a_truncated_cache_is_said_and_rebuilt_never_read_as_black_images(tmp_path, capsys, complete, monkeypatch):
     source, cache = synthetic_train(tmp_path)
-    monkeypatch.setattr(machinery.cache, "Pool", InlinePool)
+    monkeypatch.setattr(machinery.cache, "DecoderPool", InlinePool)
     folder = data.build_cache(source, 24, cache, verbose=False)
     if not complete:  # an unfinished build: its flags say done, its pixels were cut off
         os.remove(os.path.join(folder, "meta.json"))
@@ -355,7 +401,7 @@ def test_another_process_waits_for_a_cache_it_does_not_build(tmp_path):
 class InlinePool:
     """Pool stand-in that runs jobs in this process, so a test can interrupt a build at a chosen image."""
 
-    def __init__(self, workers=None):
+    def __init__(self, workers=None, **_):
         pass
 
     def __enter__(self):

@@ -13,7 +13,7 @@ import torch
 import data
 import evaluate
 import train
-from helpers import class_folders, write_image, write_rows
+from helpers import class_folders, entries, write_image, write_rows
 from machinery import layouts, runs
 from machinery.cache import cache_folder
 from machinery.runtime import CheckpointError, save_checkpoint
@@ -102,7 +102,7 @@ def test_non_finite_weights_are_never_written_nor_reused(tmp_path):
         model.head_local.weight[0, 0] = float("nan")
     with pytest.raises(CheckpointError, match="not written: 1 tensors hold NaN"):
         save_checkpoint(str(tmp_path / "last.pt"), model, epoch=1)
-    torch.save(dict(model=model.state_dict(), vit_config={}, epoch=1), tmp_path / "last.pt")  # written by other means
+    torch.save(dict(entries(), model=model.state_dict(), vit_config={}), tmp_path / "last.pt")  # written by other means
     assert not runs.finished(str(tmp_path), 1)  # trained again, not reused
 
 
@@ -125,7 +125,7 @@ def test_without_validation_the_last_epoch_is_kept_and_said(tiny, tmp_path, caps
 def teacher_file(path, labels, img_size=64, model="vit_cpu"):
     """A teacher checkpoint as train.py writes it (untrained: only its fit is checked)."""
     save_checkpoint(str(path), VisionTransformer(ViTConfig(img_size=img_size, num_local=len(labels), **VARIANTS[model])),
-                    role="teacher", res=img_size, kd=False, norm=[0.5, 0.25], label_names=labels, epoch=1)
+                    **entries("teacher", img_size, labels))
     return str(path)
 
 
@@ -192,7 +192,7 @@ def test_a_student_given_as_teacher_is_refused(tiny, tmp_path, capsys):
     tmp, flags = tiny
     student = str(tmp_path / "student.pt")
     save_checkpoint(student, VisionTransformer(ViTConfig(img_size=64, num_local=2, **VARIANTS["vit_cpu"])),
-                    role="baseline", res=32, kd=False, norm=[0.5, 0.25], label_names=["COVID", "PNEUMONIA"], epoch=1)
+                    **entries("baseline", 32))
     code, out, err = cli(capsys, *flags, "--out", str(tmp_path / "runs"), "--teacher", student)
     assert code == 1 and one_line(err) and f"--teacher {student}: a baseline model that sees 32 px images, not a teacher" in err
     assert checkpoints(tmp_path / "runs") == []

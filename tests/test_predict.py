@@ -10,7 +10,7 @@ from PIL import Image
 import data
 import evaluate
 from evaluate import predict
-from helpers import write_dicom, write_image, write_rows
+from helpers import entries, write_dicom, write_image, write_rows
 from machinery import layouts
 from machinery.attention_maps import file_name
 from machinery.runtime import load_checkpoint, save_checkpoint
@@ -24,7 +24,7 @@ def checkpoint(path, role, res, seed):
     import torch
     torch.manual_seed(seed)
     model = VisionTransformer(ViTConfig(img_size=64, num_local=2, **VARIANTS["vit_cpu"]))
-    save_checkpoint(str(path), model, role=role, res=res, kd=role == "mlcak", norm=[0.5, 0.25], label_names=LABELS, epoch=1)
+    save_checkpoint(str(path), model, **entries(role, res, LABELS, args=dict(seed=seed)))
     return str(path)
 
 

@@ -6,10 +6,8 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from machinery import layouts, synthetic
-from mlcak import simulate_low_resolution
 
 
 def test_synthetic_generator_is_byte_identical_for_a_seed(tmp_path):
