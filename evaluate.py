@@ -31,16 +31,8 @@ import torch
 import data
 from machinery.attention_maps import localization_score, pick_rows, write_figures
 from machinery.bootstrap import image_weights, interval, paired_difference, scores
-from machinery.runtime import (
-    CheckpointError,
-    Parser,
-    label_mismatch,
-    load_checkpoint,
-    pick_device,
-    run_cli,
-    run_name,
-    writable,
-)
+from machinery.runtime import (CheckpointError, Parser, atomic_open, label_mismatch, load_checkpoint, pick_device, run_cli,
+                               run_name, writable)
 from machinery.tables import format_table, seed_report
 from mlcak import model_input
 
@@ -116,7 +108,8 @@ def evaluate_checkpoints(paths, dataset, device="cpu", n_boot=1000, pairs=None, 
         if located:  # the per-image arrays feed the bootstrap; the result keeps the summary
             located_rows = (located.pop("rows"), located.pop("in_box"), located.pop("hit"))
         point = scores(prediction, np.ones((1, n)), index, located_rows)
-        result.update(checkpoint=path, name=run_name(ckpt), seed=ckpt.get("args", {}).get("seed"), localization=located,
+        recipe = dict(ckpt["args"], train_cache=os.path.basename(ckpt["data"]["train_cache"]))  # what --seeds compares
+        result.update(checkpoint=path, name=run_name(ckpt), seed=ckpt["args"].get("seed"), recipe=recipe, localization=located,
                       scores={k: float(v[0]) for k, v in point.items() if k != "per label"})
         if n_boot:
             samples = scores(prediction, weights, index, located_rows)
@@ -135,7 +128,7 @@ def evaluate_checkpoints(paths, dataset, device="cpu", n_boot=1000, pairs=None, 
         for r in results:
             path = os.path.splitext(r["checkpoint"])[0] + ".eval.json"
             try:
-                with open(path, "w") as f:
+                with atomic_open(path) as f:
                     json.dump({k: v for k, v in r.items() if not k.startswith("_")}, f, indent=1)
                 r["eval_json"] = path
             except OSError as err:  # a read-only run folder: the results are still printed
@@ -173,24 +166,26 @@ def predict_images(checkpoints, paths, threshold=0.5, out_csv=None, maps=None, c
     for reason in [f"{link}: a link that leads to no file (broken, or a loop)" for link in broken] + skipped:
         print(f"skipped: {reason}")
     if others:
-        print(f"ignored {len(others)} files that are not images by their names, e.g. {others[0]}")
+        print(f"ignored {len(others)} files that are not images (by their names, or by content where a name has no "
+              f"extension), e.g. {others[0]}")
     if not len(dataset):
         raise data.DataError(f"--images {' '.join(paths)}: none of the {len(files)} files is a readable image"
                              + (f" (first: {skipped[0]})" if skipped else ""))
     rows, names = [int(n) for n in dataset.indices], first["label_names"]
     out_csv = out_csv or os.path.join(os.path.dirname(os.path.abspath(checkpoints[0])), "predictions.csv")
-    with open(out_csv, "w", newline="") as f:
+    with atomic_open(out_csv, "w", newline="", errors="surrogateescape") as f:  # whole, or the earlier file kept
         table = csv.writer(f)
-        table.writerow(["path", "model", "abnormal"] + names)
-        for model, ckpt in loaded:
+        table.writerow(["path", "model", "checkpoint", "abnormal"] + names)
+        for path, (model, ckpt) in zip(checkpoints, loaded):
             local, abnormal, _, _ = predict(model, dataset, ckpt["res"], ckpt["norm"], device)
-            print(f"\n{run_name(ckpt)}: P(abnormal), and the local labels at p >= {threshold:g} (else the three most probable)")
+            print(f"\n{run_name(ckpt)} ({path}): P(abnormal), and the local labels at p >= {threshold:g} (else the three "
+                  "most probable)")
             for k, n in enumerate(rows):
                 order = np.argsort(-local[k], kind="stable")
                 above = [j for j in order if local[k, j] >= threshold]
                 found = ", ".join(f"{names[j]} {local[k, j]:.2f}" for j in (above or order[:3]))
                 print(f"{dataset.image_ids[n]}  abnormal {abnormal[k]:.3f}  {found if above else 'none; highest ' + found}")
-                table.writerow([dataset.image_ids[n], run_name(ckpt), f"{abnormal[k]:.6f}"] + [f"{p:.6f}" for p in local[k]])
+                table.writerow([dataset.image_ids[n], run_name(ckpt), path, f"{abnormal[k]:.6f}"] + [f"{p:.6f}" for p in local[k]])
     print(f"\nwrote {len(rows)} images x {len(loaded)} model(s) to {out_csv}")
     if maps:
         print(f"wrote {write_figures(maps, dataset, loaded, rows, device)} figures and overview.png to {maps}")
@@ -224,12 +219,22 @@ def main(argv=None):
         parser.error(f"--maps {args.maps}: cannot write there ({writable(args.maps)})")
     if args.seeds and not args.bootstrap:
         parser.error("--seeds needs --bootstrap resamples")
+    for ok, message in ((args.bootstrap >= 0, f"--bootstrap must be 0 or more, got {args.bootstrap}"),
+                        (args.seed >= 0, f"--seed must be 0 or more, got {args.seed}"),
+                        (args.num_maps >= 1, f"--num-maps must be at least 1, got {args.num_maps}"),
+                        (0 <= args.threshold <= 1, f"--threshold must be a probability in [0, 1], got {args.threshold}")):
+        if not ok:  # (a NaN threshold fails its check too)
+            parser.error(message)
     if args.images:
         clash = [flag for flag, given in (("--data", args.data), ("--seeds", args.seeds), ("--map-ids", args.map_ids)) if given]
         if clash:
             parser.error(f"--images predicts files, not a test set: {clash[0]} does not apply")
-        if args.out_csv and writable(os.path.dirname(os.path.abspath(args.out_csv))):
-            parser.error(f"--out-csv {args.out_csv}: cannot write there")
+        out_csv = args.out_csv or os.path.join(os.path.dirname(os.path.abspath(args.checkpoints[0])), "predictions.csv")
+        folder = os.path.dirname(os.path.abspath(out_csv))
+        problem = "it is a folder" if os.path.isdir(out_csv) else (args.out_csv or os.path.isdir(folder)) and writable(folder)
+        if problem:
+            flag = f"--out-csv {args.out_csv}" if args.out_csv else f"predictions.csv beside {args.checkpoints[0]}"
+            parser.error(f"{flag}: cannot write there ({problem}); give --out-csv a file in a folder you can write")
         predict_images(args.checkpoints, args.images, args.threshold, args.out_csv, args.maps, args.cache_dir, device)
         return
     _, first = load_checkpoint(args.checkpoints[0])

@@ -34,7 +34,7 @@ from machinery.attention_maps import pick_rows, write_figures
 from machinery.cache import StageCache
 from machinery.pretrained import CHECKPOINT_NORMS, load_pretrained
 from machinery.runs import Clock, Ddp, Run, RunFolders, short_hash, stage_seed
-from machinery.runtime import (CheckpointError, Parser, TrainingError, add_shared_flags, label_mismatch,
+from machinery.runtime import (CheckpointError, Parser, TrainingError, add_shared_flags, atomic_open, label_mismatch,
                                load_checkpoint, pick_device, run_cli, writable)
 from machinery.tables import format_table, markdown_table
 from mlcak import joint_loss, model_input, targets_from_teacher
@@ -186,7 +186,7 @@ def report(args, table, pairs, test_set, info, device):
     print(format_table(results))
     if args.compare:
         name = os.path.join(args.out, f"table-{short_hash(table)}")
-        with open(name + ".md", "w") as f:
+        with atomic_open(name + ".md") as f:
             intervals = f"intervals from {args.bootstrap} bootstrap resamples of the test images" if args.bootstrap else \
                 "no intervals (--bootstrap 0)"
             f.write(f"Test set: {len(test_set)} images of {info['path']}; {intervals}.\n\n{markdown_table(results)}\n")
@@ -257,7 +257,8 @@ def parse_args(argv=None):
         (0 <= args.warmup < 1, f"--warmup must be in [0, 1), got {args.warmup}"),
         (min(args.alpha, args.beta, args.gamma) >= 0, "--alpha, --beta and --gamma must be 0 or more"),
         (0 <= args.val_fraction < 1, f"--val-fraction must be in [0, 1), got {args.val_fraction}"),
-        (min(args.bootstrap, args.workers) >= 0 and args.log_every >= 1, "--bootstrap and --workers must be 0 or more, --log-every at least 1"),
+        (min(args.bootstrap, args.workers, args.seed) >= 0 and args.log_every >= 1,
+         "--bootstrap, --workers and --seed must be 0 or more, --log-every at least 1"),
         (args.data is None or os.path.exists(args.data), f"--data {args.data}: no such file or folder"),
         (args.boxes is None or os.path.isfile(args.boxes), f"--boxes {args.boxes}: no such file"),
         (args.teacher is None or os.path.isfile(args.teacher), f"--teacher {args.teacher}: no such file"),

@@ -9,6 +9,7 @@ boxes and drawn over the image it saw.
 Figures are drawn with Pillow alone; the colour ramp is a few lines below.
 """
 
+import hashlib
 import os
 import re
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from machinery.layouts import DataError
-from machinery.runtime import run_name
+from machinery.runtime import atomic_open, run_name
 from mlcak import mlcak_map, model_input, simulate_low_resolution
 
 
@@ -115,29 +116,41 @@ def write_figures(folder, dataset, loaded, rows, device, overview_rows=24):
     os.makedirs(folder, exist_ok=True)
     size = dataset.meta["size"]
     maps = [upsample(attention_maps(m, dataset, rows, c["res"], c["norm"], device), size) for m, c in loaded]
-    figures = []
+    figures, names = [], figure_names([dataset.image_ids[n] for n in rows])
     for k, n in enumerate(rows):
         hr, boxes = dataset.image(n), dataset.boxes(n)
-        panels = [panel(hr[0].numpy(), boxes, f"{os.path.basename(dataset.image_ids[n])[:16]} @{size}")]
+        title = os.path.basename(dataset.image_ids[n]).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        panels = [panel(hr[0].numpy(), boxes, f"{title[:16]} @{size}")]
         for (model, ckpt), m in zip(loaded, maps):
             seen = simulate_low_resolution(hr[None], ckpt["res"])[0, 0].numpy()  # what this model saw, before normalization
             panels.append(panel(seen, boxes, run_name(ckpt), heat=m[k]))
         figure = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
         for j, p in enumerate(panels):
             figure.paste(p, (j * p.width, 0))
-        figure.save(os.path.join(folder, file_name(dataset.image_ids[n]) + ".png"))
+        with atomic_open(os.path.join(folder, names[k]), "wb") as f:  # never half a PNG, even on Ctrl-C
+            figure.save(f, format="PNG")
         if k < overview_rows:
             figures.append(figure)
     overview = Image.new("RGB", (figures[0].width, sum(f.height for f in figures)), "white")
     for j, f in enumerate(figures):
         overview.paste(f, (0, j * f.height))
-    overview.save(os.path.join(folder, "overview.png"))
+    with atomic_open(os.path.join(folder, "overview.png"), "wb") as f:
+        overview.save(f, format="PNG")
     return len(rows)
 
 
 def file_name(image_id):
     """An image id as a file name: ids may hold folders (test/NORMAL/x.jpeg -> test_NORMAL_x.jpeg)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id)
+
+
+def figure_names(image_ids):
+    """A PNG name for each image id, one each: file_name(id).png, with a hash of the id where two ids would share a
+    name (a,b.png and a_b.png) or one would be overview.png."""
+    plain = [file_name(i) for i in image_ids]
+    taken = [p for p in plain if plain.count(p) > 1 or p == "overview"]
+    return [f"{p}-{hashlib.sha1(i.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}.png" if p in taken else f"{p}.png"
+            for p, i in zip(plain, image_ids)]
 
 
 def pick_rows(dataset, ids=None, count=6):

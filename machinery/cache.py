@@ -12,6 +12,7 @@ data.XrayDataset reads what build_cache wrote; train.train consults a StageCache
 import hashlib
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -212,15 +213,23 @@ class StageCache:
         size = sum(_nbytes(p[0]) for p in parts.values()) * len(dataset) / len(first)  # measured on the first batch
         if size > self.LIMIT:
             return
-        for images, *_ in loader:
-            images = images.to(self.device, non_blocking=True)
-            for fn in functions:
-                parts[fn].append(self._run(fn, images))
-        for fn, results in parts.items():
-            if isinstance(results[0], tuple):
-                self.tables[fn] = tuple(None if r[0] is None else torch.cat(r) for r in zip(*results))
-            else:
-                self.tables[fn] = torch.cat(results)
+        try:
+            for images, *_ in loader:
+                images = images.to(self.device, non_blocking=True)
+                for fn in functions:
+                    parts[fn].append(self._run(fn, images))
+            for fn, results in parts.items():
+                if isinstance(results[0], tuple):
+                    self.tables[fn] = tuple(None if r[0] is None else torch.cat(r) for r in zip(*results))
+                else:
+                    self.tables[fn] = torch.cat(results)
+        except (MemoryError, RuntimeError) as err:  # less memory than LIMIT assumed: the steps compute them instead
+            if not isinstance(err, MemoryError) and not re.search(r"can't allocate memory|out of memory", str(err)):
+                raise
+            parts, self.tables = None, {}
+            ddp.say(f"stage cache: memory ran out keeping {size / 1e9:.1f} GB of per-image results; each step computes "
+                    "its own instead (slower, the same numbers)")
+            return
         self.local = torch.from_numpy(dataset.local[dataset.indices].astype(np.float32)).to(self.device)
         self.abnormal = torch.from_numpy(dataset.abnormal[dataset.indices].astype(np.int64)).to(self.device)
 

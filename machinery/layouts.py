@@ -68,7 +68,7 @@ class DataError(Exception):
 
 def hash_fraction(key):
     """A number in [0, 1) fixed by the string alone (the same on every machine), for deterministic splits."""
-    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 2 ** 32
+    return int(hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:8], 16) / 2 ** 32
 
 
 # ---------------------------------------------------------------------------------------------- what a reader returns

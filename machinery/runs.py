@@ -27,18 +27,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from machinery.layouts import DataError
-from machinery.runtime import (
-    CheckpointError,
-    Lock,
-    NotReady,
-    TrainingError,
-    first_line,
-    free_space,
-    read_checkpoint,
-    save_checkpoint,
-    temporary_name,
-)
+from machinery.layouts import DataError, read_csv
+from machinery.runtime import (CheckpointError, Lock, NotReady, TrainingError, atomic_open, first_line, free_space,
+                               read_checkpoint, save_checkpoint)
 from vit import VARIANTS
 
 # the flags that change a run's numbers: each is in its run folder's name (RunFolders), directly or through the caches
@@ -144,21 +135,21 @@ class EpochLog:
     def __init__(self, run_dir, after_epoch=0):
         self.path, self.rows = os.path.join(run_dir, "log.csv"), []
         if after_epoch and os.path.isfile(self.path):
-            with open(self.path, newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= after_epoch]
+            try:  # as a spreadsheet may have saved it: ';' or tabs, a byte-order mark, UTF-16
+                _, rows = read_csv(self.path, ["epoch"])
+                self.rows = [r for r in rows if int(float(r["epoch"])) <= after_epoch]
+            except (DataError, ValueError) as err:
+                print(f"{self.path}: its rows cannot be read ({err}); it starts anew from epoch {after_epoch + 1}")
 
     def add(self, **row):
         self.rows.append(row)
-        tmp = temporary_name(self.path)
+        columns = list(dict.fromkeys(k for r in self.rows for k in r))  # ours, and any a spreadsheet added
         try:  # the whole file, renamed into place: a crash leaves the old one, never half a row
-            with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, list(self.rows[0]))
+            with atomic_open(self.path, "w", newline="") as f:
+                writer = csv.DictWriter(f, columns, restval="")
                 writer.writeheader()
                 writer.writerows(self.rows)
-            os.replace(tmp, self.path)
         except OSError as err:
-            if os.path.exists(tmp):
-                os.remove(tmp)
             raise CheckpointError(f"{self.path}: not written ({first_line(err)}); {free_space(self.path)} free") from None
 
 

@@ -146,7 +146,7 @@ def read_checkpoint(path):
         elif key == "data":
             ok = ok and all(isinstance(value.get(k), str) for k in ("path", "train_cache", "test_cache"))
         if not ok:
-            held = "missing" if key not in ckpt else f"{type(value).__name__} {str(value)[:40]!r}"
+            held = "missing" if key not in ckpt else f"{type(value).__name__} {repr(value)[:40]}"
             raise CheckpointError(f"{path}: its entry '{key}' is {held}, expected {what}")
     fields = {f.name: f.type for f in dataclasses.fields(ViTConfig)}
     for key, value in ckpt["vit_config"].items():

@@ -14,6 +14,12 @@ import numpy as np
 from machinery.bootstrap import hierarchical, interval, p_value, paired_difference
 from machinery.layouts import DataError
 
+# what seeds of one model must share (runs.recipe_of): all the flags that change the numbers but the seed, the teacher
+# file and the data's path as typed (the data by their cache instead); one model's seeds share alpha, beta, gamma too
+SEED_FREE = ("model", "img_size", "epochs", "batch_size", "lr", "weight_decay", "warmup", "readers", "uncertain", "views",
+             "boxes", "val_fraction", "init", "init_norm", "amp", "tf32", "compile", "train_cache")
+FLAG_NAMES = {"train_cache": "training data (their caches differ)"}
+
 
 def number(value, signed=False):
     """A score as the tables print it: 0.736 (+0.015 with signed), or n/a where it is undefined."""
@@ -121,6 +127,15 @@ def seed_report(results, seed=0):
             raise DataError(f"--seeds: {models[r['name']][r['seed']]['checkpoint']} and {r['checkpoint']} are both "
                                  f"{r['name']} of seed {r['seed']}; give each seed's run once")
         models[r["name"]][r["seed"]] = r
+    for r in results:  # seeds of one recipe: another model, data set or schedule is not another seed
+        for other in (next(o for o in results if o["name"] == r["name"]), results[0]):
+            shared = SEED_FREE if other["name"] != r["name"] else SEED_FREE + ("alpha", "beta", "gamma")
+            differ = [k for k in shared if r.get("recipe", {}).get(k) != other.get("recipe", {}).get(k)]
+            if differ:
+                k = differ[0]
+                raise DataError(f"--seeds: {other['checkpoint']} ({other['name']}) and {r['checkpoint']} ({r['name']}) were "
+                                f"trained with other {FLAG_NAMES.get(k, '--' + k.replace('_', '-'))} ({other['recipe'].get(k)}"
+                                f", {r['recipe'].get(k)}); pool the seeds of one recipe")
     header = ["| model | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     lines = [f"{n_images} test images, {resamples} bootstrap resamples; {len(results[0]['per_label'])} local labels.", "",
              "Mean +- sd (range) over seeds:", ""] + header
@@ -140,6 +155,10 @@ def seed_report(results, seed=0):
             continue
         mlcak, baseline = models[name], models[f"baseline@{res}"]
         seeds = sorted(set(mlcak) & set(baseline))
+        if not seeds:
+            lines += ["", f"{name} - baseline@{res}: no seed has both models (mlcak of seeds {sorted(mlcak)}, baseline of "
+                      f"seeds {sorted(baseline)}), so there is no paired difference"]
+            continue
         lines += ["", f"{name} - baseline@{res}: per seed [95% interval, paired bootstrap over the test images], and "
                   f"pooled over the {len(seeds)} seeds [95% interval, hierarchical bootstrap as above] with its two-sided "
                   "bootstrap p-value:", "", "| seed | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]

@@ -190,3 +190,27 @@ def test_seed_report_names_a_seed_given_twice():
     results[2]["seed"] = 0  # a copy of seed 0's baseline under another file name
     with pytest.raises(data.DataError, match="baseline@28-0.pt and baseline@28-1.pt are both baseline@28 of seed 0"):
         seed_report(results)
+
+
+def test_seed_report_refuses_to_pool_runs_of_other_recipes_naming_the_flag():
+    import data
+    from machinery.tables import seed_report
+    results = seed_results(gain=0.0, seeds=2)
+    for r in results:
+        r["recipe"] = dict(model="vit_cpu", epochs=30, train_cache="vindr-train-224-aaaa", gamma=1000.0, seed=r["seed"])
+    assert "| pooled |" in seed_report(results)  # the seed differs: that is what seeds are
+    results[2]["recipe"] = dict(results[2]["recipe"], model="vit_tiny")  # seed 1's baseline, another model
+    with pytest.raises(data.DataError, match=r"baseline@28-0.pt \(baseline@28\) and baseline@28-1.pt \(baseline@28\) were "
+                                             r"trained with other --model \(vit_cpu, vit_tiny\)"):
+        seed_report(results)
+    results[2]["recipe"] = dict(results[2]["recipe"], model="vit_cpu", train_cache="vindr-train-224-bbbb")
+    with pytest.raises(data.DataError, match=r"other training data \(their caches differ\)"):
+        seed_report(results)
+
+
+def test_seed_report_says_when_no_seed_has_both_models():
+    from machinery.tables import seed_report
+    results = [r for r in seed_results(gain=0.0, seeds=2) if (r["name"], r["seed"]) in (("mlcak@28", 0), ("baseline@28", 1))]
+    report = seed_report(results)
+    assert "mlcak@28 - baseline@28: no seed has both models (mlcak of seeds [0], baseline of seeds [1])" in report
+    assert "| pooled |" not in report

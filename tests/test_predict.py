@@ -48,10 +48,10 @@ def test_predictions_of_files_equal_those_through_a_dataset_and_skip_a_corrupt_f
     code, out, err = cli(capsys, student, "--images", str(tmp_path / "scans"), "--device", "cpu")
     assert code == 0, err
     assert f"skipped: {tmp_path / 'scans' / 'broken.jpg'}: not a readable image" in out  # listed, and the batch goes on
-    assert "ignored 1 files that are not images by their names" in out
+    assert "ignored 1 files that are not images (by their names, or by content" in out
     rows = read_predictions(tmp_path / "predictions.csv")  # beside the checkpoint
     assert [r["path"] for r in rows] == [str(tmp_path / "scans" / f"{k}.png") for k in range(5)]  # as given, sorted
-    assert set(rows[0]) == {"path", "model", "abnormal", *LABELS} and {r["model"] for r in rows} == {"mlcak@32"}
+    assert set(rows[0]) == {"path", "model", "checkpoint", "abnormal", *LABELS} and {r["model"] for r in rows} == {"mlcak@32"}
     # the same files as a labelled dataset (a CSV layout), decoded, cached and predicted as in evaluation
     write_rows(tmp_path / "set.csv", ["path", *LABELS, "split"], [[f"scans/{k}.png", 0, 1, "test"] for k in range(5)]
                + [["scans/0.png", 1, 0, "train"]])
