@@ -38,16 +38,20 @@ class ViTConfig:
 
 
 # The paper's backbones (timm's vit_tiny/small/base_patch16_224, plain ViTs with class-token heads: timm's names
-# and weights hold for these) and one small variant for a 2-core CPU. vit_cpu adds two things a from-scratch ViT
+# and weights hold for these) and a small family for a 2-core CPU. vit_cpu adds two things a from-scratch ViT
 # on a thousand images needs to see findings a few pixels wide (README, "Our reading"): a convolutional stem
 # (Xiao et al., arXiv 2106.14881) and heads on the maximum over the patch tokens (a finding anywhere makes the
 # image positive). Its pooling applies the final `norm` before the maximum, where timm's pooled ViTs apply an
 # `fc_norm` after it: vit_cpu has no pretrained counterpart, and its names follow timm's only up to that norm.
+# vit_cpu_wide and vit_cpu_deep differ from vit_cpu as the paper's variants differ from one another, in width (and
+# heads, 32 wide each) or in depth, on the same 7 x 7 tokens and stem: the paper's third claim at CPU size.
 VARIANTS = {
     "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
     "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
     "vit_cpu": dict(embed_dim=96, depth=4, num_heads=3, patch_size=32, stem_chans=(16, 32), global_pool="max"),
+    "vit_cpu_wide": dict(embed_dim=192, depth=4, num_heads=6, patch_size=32, stem_chans=(16, 32), global_pool="max"),
+    "vit_cpu_deep": dict(embed_dim=96, depth=8, num_heads=3, patch_size=32, stem_chans=(16, 32), global_pool="max"),
 }
 
 

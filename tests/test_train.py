@@ -241,16 +241,18 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny):
             process.kill()
             break
     process.wait()
-    assert torch.load(os.path.join(tmp / "killed", os.listdir(tmp / "killed")[0], "last.pt"), weights_only=True)["epoch"] == 1
+    # the epoch last.pt holds: 1, or 2 where the run finished that epoch before the kill reached it (a busy machine)
+    done = torch.load(os.path.join(tmp / "killed", os.listdir(tmp / "killed")[0], "last.pt"), weights_only=True)["epoch"]
+    assert done in (1, 2)
     resumed = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600).stdout
-    assert "teacher: resuming" in resumed and "after epoch 1" in resumed
+    assert "teacher: resuming" in resumed and f"after epoch {done}" in resumed
     small_run(tmp, "straight", epochs=3)
     for role in ("teacher", "mlcak"):
         a, b = final_weights(tmp / "killed", role), final_weights(tmp / "straight", role)
         assert all(torch.equal(a[k], b[k]) for k in a), role  # bitwise: CPU kernels are deterministic here
         killed, straight = (log_rows(next(tmp / f / d for d in os.listdir(tmp / f) if d.startswith(role)))
                             for f in ("killed", "straight"))
-        assert [r["epoch"] for r in killed] == ["1", "2", "3"]  # resumed after epoch 1: no row twice, none missing
+        assert [r["epoch"] for r in killed] == ["1", "2", "3"]  # resumed: no row twice, none missing
         columns = [c for c in killed[0] if c not in ("seconds", "images_per_second")]
         assert [[r[c] for c in columns] for r in killed] == [[r[c] for c in columns] for r in straight]
 
@@ -306,3 +308,19 @@ def test_bench_runs_every_measurement_on_given_data_and_leaves_no_run_folder(tmp
     assert re.search(r"ratio data loader / fused train step +[\d.]+ \(loader \d+ img/s\)", result.stdout)
     assert re.search(rf"train.py's loop, 3 epochs on {re.escape(root)}: teacher \d+ img/s", result.stdout)
     assert not [p for p in os.listdir(tmp_path / "tmp") if p.startswith("mlcak-bench-")]  # the loop's checkpoints removed
+
+
+@pytest.mark.parametrize("variant", ["vit_cpu_wide", "vit_cpu_deep"])
+def test_each_cpu_variant_trains_compare_runs_in_folders_of_its_name_and_is_listed_by_help(tiny, variant):
+    tmp, _, _ = tiny
+    out = tmp / f"runs-{variant}"
+    result = run("train.py", "--data", str(tmp / "syn"), "--out", str(out), "--cache-dir", str(tmp / "cache"), "--epochs",
+                 "1", "--batch-size", "8", "--res", "28", "--compare", "--bootstrap", "0", "--model", variant)
+    assert "mlcak@28" in result.stdout and "baseline@28" in result.stdout
+    for folder in os.listdir(out):
+        if os.path.isdir(out / folder) and not folder.startswith("table-"):
+            ckpt = torch.load(out / folder / "best.pt", weights_only=True)
+            assert ckpt["args"]["model"] == variant and ckpt["vit_config"]["embed_dim"] == {"vit_cpu_wide": 192, "vit_cpu_deep": 96}[variant]
+    default = {d for d in os.listdir(tmp / "runs") if not d.startswith("table-")}
+    assert not default & set(os.listdir(out))  # another model: other run folders, never the default's reused
+    assert variant in run("train.py", "--help").stdout

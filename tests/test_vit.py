@@ -229,3 +229,17 @@ def test_paper_variants_have_paper_widths(name):
     assert (cfg.embed_dim, cfg.depth, cfg.patch_size, cfg.img_size) == (
         {"vit_tiny": 192, "vit_small": 384, "vit_base": 768}[name], 12, 16, 224)
     assert cfg.embed_dim // cfg.num_heads == 64
+
+
+def test_the_cpu_variants_share_the_token_grid_and_stem_and_differ_in_width_or_depth():
+    base = ViTConfig(**VARIANTS["vit_cpu"])
+    wide, deep = ViTConfig(**VARIANTS["vit_cpu_wide"]), ViTConfig(**VARIANTS["vit_cpu_deep"])
+    for cfg in (wide, deep):
+        assert (cfg.patch_size, cfg.stem_chans, cfg.global_pool, cfg.mlp_ratio) == (base.patch_size, base.stem_chans, "max", 4.0)
+        assert cfg.embed_dim // cfg.num_heads == base.embed_dim // base.num_heads == 32
+    assert (wide.embed_dim, wide.depth) == (2 * base.embed_dim, base.depth)
+    assert (deep.embed_dim, deep.depth) == (base.embed_dim, 2 * base.depth)
+    x = torch.randn(2, 1, 224, 224)
+    for cfg in (base, wide, deep):
+        _, _, attentions = VisionTransformer(cfg)(x, return_attn=True)
+        assert len(attentions) == cfg.depth and attentions[0].shape == (2, cfg.num_heads, 50, 50)  # 7 x 7 tokens + class
