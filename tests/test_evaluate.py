@@ -3,13 +3,14 @@ import math
 import numpy as np
 import pytest
 
+import evaluate
 from evaluate import summary
 from machinery.attention_maps import attention_maps, box_mask, colorize, localization, pick_rows, write_figures
 from machinery.bootstrap import auroc_rows, image_weights, interval, paired_difference, scores
 from machinery.tables import format_table
 
 
-def auroc(y, s):
+def auroc(y, s):  # the bootstrap's weighted AUROC, once per image; evaluate.auroc is held to it below
     return float(auroc_rows(y, s)[0])
 
 
@@ -41,9 +42,25 @@ def test_auroc_hand_worked_cases():
     assert auroc([1, 0, 1, 0, 0], [0.8, 0.6, 0.4, 0.4, 0.2]) == 0.75
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_the_plain_auroc_and_summary_equal_the_bootstrap_versions_to_the_bit(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, (300, 4))
+    s = np.round(rng.random((300, 4)), 2)  # ties
+    for k in range(4):
+        assert evaluate.auroc(y[:, k], s[:, k]) == auroc(y[:, k], s[:, k]) == pytest.approx(brute_force_auroc(y[:, k], s[:, k]))
+        assert evaluate.auroc(y[:, k], s[:, k]) == auroc(y[:, k], s[:, k])  # bit for bit
+    y[:, 3] = 0  # a label with one class
+    prediction = (s, s[:, 0], y, y[:, 0])
+    point = scores(prediction, np.ones((1, 300)))
+    plain = summary(prediction, list("abcd"))
+    assert plain["mean_local_auroc"] == point["mean local"][0] and plain["labels_defined"] == 3
+    assert plain["normal_abnormal_auroc"] == point["normal/abnormal"][0] and math.isnan(plain["per_label"]["d"]["auroc"])
+
+
 def test_auroc_is_nan_for_one_class():
-    assert math.isnan(auroc([0, 0, 0], [0.1, 0.5, 0.9]))
-    assert math.isnan(auroc([1, 1], [0.1, 0.5]))
+    assert math.isnan(auroc([0, 0, 0], [0.1, 0.5, 0.9])) and math.isnan(evaluate.auroc([0, 0, 0], [0.1, 0.5, 0.9]))
+    assert math.isnan(auroc([1, 1], [0.1, 0.5])) and math.isnan(evaluate.auroc([1, 1], [0.1, 0.5]))
 
 
 def test_mean_is_over_defined_labels_with_their_count():
