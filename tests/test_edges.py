@@ -277,3 +277,10 @@ def test_a_pickle_that_would_run_code_is_named_whatever_its_protocol_and_no_libr
     code, out, err = cli(capsys, evaluate.cli, str(tmp_path / "evil.pt"))
     assert code == 1 and one_line(err) and "this must never run" not in out
     assert f"{tmp_path / 'evil.pt'}: not a plain-tensor checkpoint: it holds a pickled posix.system, which was refused" in err
+
+
+def test_new_images_are_decoded_with_a_progress_line(tmp_path, capsys):
+    code, out, err = cli(capsys, evaluate.cli, checkpoint(tmp_path / "s.pt"), "--images", scans(tmp_path / "scans", n=5))
+    assert code == 0 and "cache predict: 5/5 (" in out, err
+    code, out, err = cli(capsys, evaluate.cli, checkpoint(tmp_path / "s.pt"), "--images", str(tmp_path / "scans"))
+    assert code == 0 and "cache predict" not in out  # decoded already: nothing to wait for
