@@ -213,7 +213,7 @@ class StageCache:
         size = sum(_nbytes(p[0]) for p in parts.values()) * len(dataset) / len(first)  # measured on the first batch
         if size > self.LIMIT:
             return
-        try:
+        try:  # (the first batch is one step's work: memory for it is memory the streamed steps need too)
             for images, *_ in loader:
                 images = images.to(self.device, non_blocking=True)
                 for fn in functions:
@@ -228,7 +228,7 @@ class StageCache:
                 raise
             parts, self.tables = None, {}
             ddp.say(f"stage cache: memory ran out keeping {size / 1e9:.1f} GB of per-image results; each step computes "
-                    "its own instead (slower, the same numbers)")
+                    "its own instead (slower; the same numbers up to the last bits)")
             return
         self.local = torch.from_numpy(dataset.local[dataset.indices].astype(np.float32)).to(self.device)
         self.abnormal = torch.from_numpy(dataset.abnormal[dataset.indices].astype(np.int64)).to(self.device)
