@@ -172,7 +172,7 @@ def predict_images(checkpoints, paths, threshold=0.5, out_csv=None, maps=None, c
         raise data.DataError(f"--images {' '.join(paths)}: none of the {len(files)} files is a readable image"
                              + (f" (first: {skipped[0]})" if skipped else ""))
     rows, names = [int(n) for n in dataset.indices], first["label_names"]
-    out_csv = out_csv or os.path.join(os.path.dirname(os.path.abspath(checkpoints[0])), "predictions.csv")
+    out_csv = out_csv or predictions_csv(checkpoints[0])
     with atomic_open(out_csv, "w", newline="", errors="surrogateescape") as f:  # whole, or the earlier file kept
         table = csv.writer(f)
         table.writerow(["path", "model", "checkpoint", "abnormal"] + names)
@@ -190,6 +190,11 @@ def predict_images(checkpoints, paths, threshold=0.5, out_csv=None, maps=None, c
     if maps:
         print(f"wrote {write_figures(maps, dataset, loaded, rows, device)} figures and overview.png to {maps}")
     return out_csv
+
+
+def predictions_csv(checkpoint):
+    """Where --images writes without --out-csv: predictions.csv beside the (first) checkpoint."""
+    return os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "predictions.csv")
 
 
 def main(argv=None):
@@ -229,7 +234,7 @@ def main(argv=None):
         clash = [flag for flag, given in (("--data", args.data), ("--seeds", args.seeds), ("--map-ids", args.map_ids)) if given]
         if clash:
             parser.error(f"--images predicts files, not a test set: {clash[0]} does not apply")
-        out_csv = args.out_csv or os.path.join(os.path.dirname(os.path.abspath(args.checkpoints[0])), "predictions.csv")
+        out_csv = args.out_csv or predictions_csv(args.checkpoints[0])
         folder = os.path.dirname(os.path.abspath(out_csv))
         problem = "it is a folder" if os.path.isdir(out_csv) else (args.out_csv or os.path.isdir(folder)) and writable(folder)
         if problem:

@@ -9,6 +9,7 @@ boxes and drawn over the image it saw.
 Figures are drawn with Pillow alone; the colour ramp is a few lines below.
 """
 
+import collections
 import hashlib
 import os
 import re
@@ -148,7 +149,8 @@ def figure_names(image_ids):
     """A PNG name for each image id, one each: file_name(id).png, with a hash of the id where two ids would share a
     name (a,b.png and a_b.png) or one would be overview.png."""
     plain = [file_name(i) for i in image_ids]
-    taken = [p for p in plain if plain.count(p) > 1 or p == "overview"]
+    count = collections.Counter(plain)
+    taken = {p for p in plain if count[p] > 1 or p == "overview"}
     return [f"{p}-{hashlib.sha1(i.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}.png" if p in taken else f"{p}.png"
             for p, i in zip(plain, image_ids)]
 

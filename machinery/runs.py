@@ -306,7 +306,6 @@ class Run:
 
     def after_step(self, epoch, terms):
         """Counts the step, sums its loss terms for log.csv, stops at a non-finite loss, prints progress."""
-        self.lr = self.args.lr * self.scheduler.lr_lambdas[0](self.step)  # this step's (the schedule moved on)
         self.step += 1
         self.sums = {k: self.sums.get(k, 0) + v for k, v in terms.items()}
         if not torch.isfinite(terms["total"]):  # a host sync, but a NaN run must stop at once, not train on to the end
@@ -329,7 +328,8 @@ class Run:
                 print(f"{self.role} epoch {epoch + 1}: val mean local AUROC {score:.3f} ({val['labels_defined']} labels), "
                       f"normal/abnormal {val['normal_abnormal_auroc']:.3f}")
             seconds = time.time() - self.epoch_start
-            self.log.add(epoch=epoch + 1, step=self.step, lr=f"{self.lr:.6g}",
+            lr = self.args.lr * self.scheduler.lr_lambdas[0](self.step - 1)  # the epoch's last step's (the schedule moved on)
+            self.log.add(epoch=epoch + 1, step=self.step, lr=f"{lr:.6g}",
                          **{k: f"{float(v) / self.steps_per_epoch:.6g}" for k, v in self.sums.items()},
                          val_mean_local_auroc=score, val_normal_abnormal_auroc=metrics["val_normal_abnormal_auroc"],
                          seconds=f"{seconds:.2f}", images_per_second=f"{self.steps_per_epoch * self.args.batch_size / seconds:.1f}")

@@ -2,7 +2,7 @@
 The machinery train.py and evaluate.py share, none of it the method, kept out of the reader's way:
 
     save_checkpoint / read_checkpoint / load_checkpoint    plain dicts of tensors and values (weights_only loading)
-    Parser, run_cli, add_shared_flags                         a bad flag or a failed run is one line, never a traceback
+    Parser, run_cli, add_shared_flags                      a bad flag or a failed run is one line, never a traceback
     pick_device                                            the device a command runs on
     writable, free_space, Lock, NotReady, progress_line    folders, disks, a second process, long work
     WorkerPool                                             work on every core that ends, with a line, if a worker dies
@@ -17,6 +17,7 @@ import dataclasses
 import fcntl
 import multiprocessing
 import os
+import pickletools
 import re
 import shutil
 import signal
@@ -24,9 +25,9 @@ import sys
 import time
 import uuid
 import warnings
+import zipfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict
 
 import torch
 
@@ -61,7 +62,7 @@ def save_checkpoint(path, model, **values):
         raise CheckpointError(f"{path}: not written: {len(bad)} tensors hold NaN or infinity, e.g. {bad[0]}")
     tmp = temporary_name(path)
     try:
-        torch.save(dict(values, model=state, vit_config=asdict(model.cfg)), tmp)
+        torch.save(dict(values, model=state, vit_config=dataclasses.asdict(model.cfg)), tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError of its zip writer
         if os.path.exists(tmp):
@@ -97,8 +98,6 @@ def load_weights(path):
 def pickled_globals(path):
     """The Python objects (module.name) a pickle file, or the data.pkl of a torch zip file, would build, other than
     torch's own and plain containers, as text: what weights_only loading refuses. Read with pickletools, never run."""
-    import pickletools
-    import zipfile
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
@@ -400,18 +399,26 @@ class WorkerPool:
         return self
 
     def __exit__(self, kind, *_):
-        if kind is not None:  # an interrupt or an error: the workers end now, whatever they are on
-            for process in list((getattr(self.executor, "_processes", None) or {}).values()):
+        if kind is not None:  # an interrupt or an error: the workers end now, whatever they are on (the executor
+            for process in list((getattr(self.executor, "_processes", None) or {}).values()):  # has no public way)
                 process.terminate()
         self.executor.shutdown(wait=kind is None, cancel_futures=True)
         return False
 
     def _results(self, fn, jobs, chunksize, ordered):
-        chunks = [list(enumerate(jobs))[i:i + chunksize] for i in range(0, len(jobs), chunksize)]
-        futures = [self.executor.submit(_run_chunk, fn, chunk) for chunk in chunks]
-        try:
-            for future in futures if ordered else as_completed(futures):
-                yield from future.result()
+        indexed = list(enumerate(jobs))
+        futures = [self.executor.submit(_run_chunk, fn, indexed[i:i + chunksize]) for i in range(0, len(jobs), chunksize)]
+        try:  # each result is let go once passed on: a cache's images together may not fit in memory
+            if ordered:
+                for k, future in enumerate(futures):
+                    futures[k] = None
+                    yield from future.result()
+            else:
+                pending = set(futures)
+                del futures
+                for future in as_completed(pending):
+                    pending.discard(future)
+                    yield from future.result()
         except BrokenProcessPool:
             on = [self.describe(jobs[i]) for i in self.jobs_now if 0 <= i < len(jobs)]
             raise self.error(f"a worker process ended abruptly (killed by the system: out of memory?) while on "

@@ -14,8 +14,9 @@ import numpy as np
 from machinery.bootstrap import hierarchical, interval, p_value, paired_difference
 from machinery.layouts import DataError
 
-# what seeds of one model must share (runs.recipe_of): all the flags that change the numbers but the seed, the teacher
-# file and the data's path as typed (the data by their cache instead); one model's seeds share alpha, beta, gamma too
+# what seeds of one model must share (each result's "recipe": its training flags and its training cache's name): the
+# flags that change the numbers but the seed, the teacher file and the data's path as typed (the data by their cache
+# instead); one model's seeds share alpha, beta, gamma too
 SEED_FREE = ("model", "img_size", "epochs", "batch_size", "lr", "weight_decay", "warmup", "readers", "uncertain", "views",
              "boxes", "val_fraction", "init", "init_norm", "amp", "tf32", "compile", "train_cache")
 FLAG_NAMES = {"train_cache": "training data (their caches differ)"}

@@ -163,3 +163,13 @@ def entries(role="teacher", res=64, labels=("COVID", "PNEUMONIA"), **more):
     data = dict(path="", train_cache="", test_cache="")
     return dict(dict(role=role, res=res, kd=role == "mlcak", norm=[0.5, 0.25], label_names=list(labels), epoch=1, args={},
                      data=data), **more)
+
+
+def call(capsys, main, *argv):
+    """(exit code, stdout, stderr) of a command line's cli(argv) (train.cli, evaluate.cli), run in this process."""
+    try:
+        code = main(list(argv))
+    except SystemExit as exit:  # the parser's errors
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err

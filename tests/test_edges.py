@@ -13,7 +13,7 @@ import torch
 
 import evaluate
 import train
-from helpers import class_folders, entries, write_dicom, write_image, write_rows
+from helpers import call, class_folders, entries, write_dicom, write_image, write_rows
 from machinery import layouts, runs, runtime
 from machinery.cache import StageCache
 from machinery.runtime import save_checkpoint
@@ -28,15 +28,6 @@ def checkpoint(path, role="mlcak", res=32, seed=0, changed=None):
     model = VisionTransformer(ViTConfig(img_size=64, num_local=2, **VARIANTS["vit_cpu"]))
     save_checkpoint(str(path), model, **dict(entries(role, res, LABELS, args=dict(seed=seed)), **(changed or {})))
     return str(path)
-
-
-def cli(capsys, main, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exit:  # the parser's errors
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line(err):
@@ -63,7 +54,7 @@ def test_an_unnamed_csv_column_holding_labels_is_named_and_an_empty_one_is_fine(
 
 def test_two_students_of_one_role_and_resolution_are_told_apart_in_predictions(tmp_path, capsys):
     a, b = checkpoint(tmp_path / "a.pt", seed=0), checkpoint(tmp_path / "b.pt", seed=1)
-    code, out, err = cli(capsys, evaluate.cli, a, b, "--images", scans(tmp_path / "scans"), "--out-csv", str(tmp_path / "p.csv"))
+    code, out, err = call(capsys, evaluate.cli, a, b, "--images", scans(tmp_path / "scans"), "--out-csv", str(tmp_path / "p.csv"))
     assert code == 0, err
     with open(tmp_path / "p.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -75,7 +66,7 @@ def test_maps_of_images_whose_names_collide_once_made_file_names_are_one_each(tm
     names = ["a,b.png", "a_b.png", "a b.png", "a+b.png"]
     for k, name in enumerate(names):
         write_image(tmp_path / "scans" / name, k, k % 2)
-    code, out, err = cli(capsys, evaluate.cli, checkpoint(tmp_path / "s.pt"), "--images", str(tmp_path / "scans"),
+    code, out, err = call(capsys, evaluate.cli, checkpoint(tmp_path / "s.pt"), "--images", str(tmp_path / "scans"),
                          "--maps", str(tmp_path / "maps"))
     assert code == 0 and "wrote 4 figures" in out, err
     assert len([f for f in os.listdir(tmp_path / "maps") if f != "overview.png"]) == 4
@@ -84,7 +75,7 @@ def test_maps_of_images_whose_names_collide_once_made_file_names_are_one_each(tm
 def test_an_interrupted_run_keeps_the_earlier_predictions_whole_and_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
     a, b = checkpoint(tmp_path / "a.pt", seed=0), checkpoint(tmp_path / "b.pt", seed=1)
     out_csv = tmp_path / "p.csv"
-    assert cli(capsys, evaluate.cli, b, "--images", scans(tmp_path / "scans"), "--out-csv", str(out_csv))[0] == 0
+    assert call(capsys, evaluate.cli, b, "--images", scans(tmp_path / "scans"), "--out-csv", str(out_csv))[0] == 0
     before = out_csv.read_bytes()
     real, calls = evaluate.predict, []
 
@@ -95,7 +86,7 @@ def test_an_interrupted_run_keeps_the_earlier_predictions_whole_and_leaves_no_te
         return real(*args, **kwargs)
 
     monkeypatch.setattr(evaluate, "predict", interrupted_on_the_second_model)
-    code, out, err = cli(capsys, evaluate.cli, a, b, "--images", str(tmp_path / "scans"), "--out-csv", str(out_csv))
+    code, out, err = call(capsys, evaluate.cli, a, b, "--images", str(tmp_path / "scans"), "--out-csv", str(out_csv))
     assert code == 130 and out_csv.read_bytes() == before and os.listdir(tmp_path).count("p.csv") == 1
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
@@ -103,7 +94,7 @@ def test_an_interrupted_run_keeps_the_earlier_predictions_whole_and_leaves_no_te
 def test_two_runs_writing_one_csv_at_once_leave_one_whole_file(tmp_path, capsys, monkeypatch):
     a, b = checkpoint(tmp_path / "a.pt", seed=0), checkpoint(tmp_path / "b.pt", seed=1)
     one, two, out_csv = scans(tmp_path / "one", n=150), scans(tmp_path / "two", n=40), str(tmp_path / "p.csv")
-    assert cli(capsys, evaluate.cli, a, b, "--images", one, "--out-csv", str(tmp_path / "alone.csv"))[0] == 0
+    assert call(capsys, evaluate.cli, a, b, "--images", one, "--out-csv", str(tmp_path / "alone.csv"))[0] == 0
     real, calls = evaluate.predict, []
 
     def another_run_meanwhile(*args, **kwargs):  # while this run predicts its second model, another one writes out_csv
@@ -113,7 +104,7 @@ def test_two_runs_writing_one_csv_at_once_leave_one_whole_file(tmp_path, capsys,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(evaluate, "predict", another_run_meanwhile)
-    assert cli(capsys, evaluate.cli, a, b, "--images", one, "--out-csv", out_csv)[0] == 0
+    assert call(capsys, evaluate.cli, a, b, "--images", one, "--out-csv", out_csv)[0] == 0
     assert (tmp_path / "p.csv").read_bytes() == (tmp_path / "alone.csv").read_bytes()  # whole: no mix, no NUL bytes
 
 
@@ -135,7 +126,7 @@ def test_broken_and_looping_links_among_images_are_skipped_by_name(tmp_path, cap
     folder = scans(tmp_path / "scans")
     os.symlink(tmp_path / "nowhere.png", tmp_path / "scans" / "gone.png")
     os.symlink(tmp_path / "scans" / "loop.png", tmp_path / "scans" / "loop.png")
-    code, out, err = cli(capsys, evaluate.cli, checkpoint(tmp_path / "s.pt"), "--images", folder)
+    code, out, err = call(capsys, evaluate.cli, checkpoint(tmp_path / "s.pt"), "--images", folder)
     assert code == 0, err
     for link in ("gone.png", "loop.png"):
         assert f"skipped: {tmp_path / 'scans' / link}: a link that leads to no file (broken, or a loop)" in out
@@ -145,11 +136,11 @@ def test_a_csv_that_cannot_be_written_is_named_before_any_work(tmp_path, capsys,
     os.makedirs(tmp_path / "store")
     student, folder = checkpoint(tmp_path / "store" / "s.pt"), scans(tmp_path / "scans")
     os.makedirs(tmp_path / "p.csv")
-    code, out, err = cli(capsys, evaluate.cli, student, "--images", folder, "--out-csv", str(tmp_path / "p.csv"))
+    code, out, err = call(capsys, evaluate.cli, student, "--images", folder, "--out-csv", str(tmp_path / "p.csv"))
     assert code == 2 and one_line(err) and f"--out-csv {tmp_path / 'p.csv'}: cannot write there (it is a folder)" in err
     # a shared model store that is read-only (root writes anywhere, so the folder's answer is played here)
     monkeypatch.setattr(evaluate, "writable", lambda f: "OSError: Read-only file system" if f.endswith("store") else None)
-    code, out, err = cli(capsys, evaluate.cli, student, "--images", folder)
+    code, out, err = call(capsys, evaluate.cli, student, "--images", folder)
     assert code == 2 and one_line(err) and f"predictions.csv beside {student}: cannot write there (OSError: Read-only" in err
     assert "--out-csv" in err and out == ""
 
@@ -162,12 +153,12 @@ def test_a_csv_that_cannot_be_written_is_named_before_any_work(tmp_path, capsys,
 ])
 def test_a_checkpoint_with_an_entry_of_the_wrong_type_is_named_everywhere_it_is_read(tmp_path, capsys, changed, message):
     bad = checkpoint(tmp_path / "bad.pt", role="teacher", res=64, changed=changed)
-    code, out, err = cli(capsys, evaluate.cli, bad)
+    code, out, err = call(capsys, evaluate.cli, bad)
     assert code == 1 and one_line(err) and f"{bad}: {message}" in err
-    code, out, err = cli(capsys, evaluate.cli, bad, "--images", scans(tmp_path / "scans"))
+    code, out, err = call(capsys, evaluate.cli, bad, "--images", scans(tmp_path / "scans"))
     assert code == 1 and one_line(err) and f"{bad}: {message}" in err
     root = class_folders(tmp_path / "cls", per_class=4)
-    code, out, err = cli(capsys, train.cli, "--data", root, "--cache-dir", str(tmp_path / "cache"), "--out",
+    code, out, err = call(capsys, train.cli, "--data", root, "--cache-dir", str(tmp_path / "cache"), "--out",
                          str(tmp_path / "runs"), "--img-size", "64", "--res", "32", "--epochs", "1", "--teacher", bad)
     assert code == 1 and one_line(err) and f"{bad}: {message}" in err
 
@@ -178,7 +169,7 @@ def test_a_checkpoint_of_a_newer_vit_config_names_the_field(tmp_path, capsys):
     path = tmp_path / "new.pt"
     torch.save(dict(entries("teacher", 64, LABELS), model=model.state_dict(),
                     vit_config=dict(vars(model.cfg), qk_norm=True)), path)
-    code, out, err = cli(capsys, evaluate.cli, str(path))
+    code, out, err = call(capsys, evaluate.cli, str(path))
     assert code == 1 and one_line(err) and "its vit_config has a field 'qk_norm' this code does not know" in err
 
 
@@ -216,7 +207,7 @@ def test_memory_running_out_is_one_line_and_the_stage_cache_falls_back_to_comput
 
 def test_a_cache_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("a file where the cache folder would be")
-    code, out, err = cli(capsys, evaluate.cli, checkpoint(tmp_path / "s.pt"), "--images", scans(tmp_path / "scans"),
+    code, out, err = call(capsys, evaluate.cli, checkpoint(tmp_path / "s.pt"), "--images", scans(tmp_path / "scans"),
                          "--cache-dir", str(tmp_path / "file" / "cache"))
     assert code == 1 and one_line(err) and "error: cache: cannot write in" in err and "--cache-dir" in err
 
@@ -236,7 +227,7 @@ def test_a_log_saved_by_a_spreadsheet_with_semicolons_is_kept_by_resume(tmp_path
     (["--threshold", "1.5"], "--threshold must be a probability in [0, 1], got 1.5"),
 ])
 def test_evaluate_flags_out_of_range_are_one_line_and_exit_2(tmp_path, capsys, flags, message):
-    code, out, err = cli(capsys, evaluate.cli, checkpoint(tmp_path / "s.pt"), *flags)
+    code, out, err = call(capsys, evaluate.cli, checkpoint(tmp_path / "s.pt"), *flags)
     assert code == 2 and one_line(err) and message in err
 
 
@@ -260,7 +251,7 @@ def test_a_dicom_media_export_without_extensions_is_read_by_content(tmp_path, ca
         write_dicom(series / f"IM00000{k}", ramp + 10 * k)
     write_dicom(tmp_path / "export" / "DICOMDIR", ramp)  # the index of the export, not an image
     (tmp_path / "export" / "README").write_text("not an image")
-    code, out, err = cli(capsys, evaluate.cli, checkpoint(tmp_path / "s.pt"), "--images", str(tmp_path / "export"))
+    code, out, err = call(capsys, evaluate.cli, checkpoint(tmp_path / "s.pt"), "--images", str(tmp_path / "export"))
     assert code == 0, err
     assert [line.split()[0] for line in out.splitlines() if "  abnormal " in line] == [str(series / f"IM00000{k}") for k in range(3)]
     assert "ignored 2 files that are not images" in out
@@ -274,13 +265,13 @@ def test_a_pickle_that_would_run_code_is_named_whatever_its_protocol_and_no_libr
 
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"model": Payload()}, f, protocol=protocol)
-    code, out, err = cli(capsys, evaluate.cli, str(tmp_path / "evil.pt"))
+    code, out, err = call(capsys, evaluate.cli, str(tmp_path / "evil.pt"))
     assert code == 1 and one_line(err) and "this must never run" not in out
     assert f"{tmp_path / 'evil.pt'}: not a plain-tensor checkpoint: it holds a pickled posix.system, which was refused" in err
 
 
 def test_new_images_are_decoded_with_a_progress_line(tmp_path, capsys):
-    code, out, err = cli(capsys, evaluate.cli, checkpoint(tmp_path / "s.pt"), "--images", scans(tmp_path / "scans", n=5))
+    code, out, err = call(capsys, evaluate.cli, checkpoint(tmp_path / "s.pt"), "--images", scans(tmp_path / "scans", n=5))
     assert code == 0 and "cache predict: 5/5 (" in out, err
-    code, out, err = cli(capsys, evaluate.cli, checkpoint(tmp_path / "s.pt"), "--images", str(tmp_path / "scans"))
+    code, out, err = call(capsys, evaluate.cli, checkpoint(tmp_path / "s.pt"), "--images", str(tmp_path / "scans"))
     assert code == 0 and "cache predict" not in out  # decoded already: nothing to wait for

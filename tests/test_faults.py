@@ -14,7 +14,7 @@ import torch
 import data
 import evaluate
 import train
-from helpers import class_folders, entries, write_image, write_rows
+from helpers import call, class_folders, entries, write_image, write_rows
 from machinery import layouts, runs
 from machinery.cache import cache_folder
 from machinery.runtime import CheckpointError, Lock, save_checkpoint
@@ -35,12 +35,7 @@ def tiny(tmp_path_factory):
 
 def cli(capsys, *argv):
     """(exit code, stdout, stderr) of train.py with these flags."""
-    try:
-        code = train.cli(list(argv))
-    except SystemExit as exit:  # the parser's errors
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return call(capsys, train.cli, *argv)
 
 
 def one_line(err):
