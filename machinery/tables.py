@@ -128,8 +128,12 @@ def seed_report(results, seed=0):
             raise DataError(f"--seeds: {models[r['name']][r['seed']]['checkpoint']} and {r['checkpoint']} are both "
                                  f"{r['name']} of seed {r['seed']}; give each seed's run once")
         models[r["name"]][r["seed"]] = r
-    for r in results:  # seeds of one recipe: another model, data set or schedule is not another seed
-        for other in (next(o for o in results if o["name"] == r["name"]), results[0]):
+    # seeds of one recipe: another model, data set or schedule is not another seed. The teacher is given to the
+    # students (it may have its own data and schedule, as README's study does): it is held to its own seeds only
+    students = [o for o in results if not o["name"].startswith("teacher@")]
+    for r in results:
+        same = next(o for o in results if o["name"] == r["name"])
+        for other in [same] + (students[:1] if not r["name"].startswith("teacher@") else []):
             shared = SEED_FREE if other["name"] != r["name"] else SEED_FREE + ("alpha", "beta", "gamma")
             differ = [k for k in shared if r.get("recipe", {}).get(k) != other.get("recipe", {}).get(k)]
             if differ:

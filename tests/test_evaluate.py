@@ -225,6 +225,23 @@ def test_seed_report_refuses_to_pool_runs_of_other_recipes_naming_the_flag():
         seed_report(results)
 
 
+def test_seed_report_pools_a_teacher_trained_on_its_own_data_but_not_two_teachers_of_other_data():
+    import data
+    from machinery.tables import seed_report
+    results = seed_results(gain=0.0, seeds=2)
+    for r in results:
+        r["recipe"] = dict(model="vit_cpu", epochs=30, train_cache="vindr-train-224-aaaa", gamma=1000.0, seed=r["seed"])
+    teachers = [dict(r, name="teacher@224", checkpoint=f"teacher-{r['seed']}.pt",
+                     recipe=dict(r["recipe"], train_cache="vindr-train-224-cccc", epochs=60))
+                for r in results if r["name"] == "baseline@28"]
+    report = seed_report(teachers + results)  # a larger archive and a longer schedule than the students'
+    assert "| teacher@224 | 2 |" in report and "| pooled |" in report
+    teachers[1]["recipe"] = dict(teachers[1]["recipe"], train_cache="vindr-train-224-dddd")
+    with pytest.raises(data.DataError, match=r"teacher-0.pt \(teacher@224\) and teacher-1.pt \(teacher@224\) were "
+                                             r"trained with other training data"):
+        seed_report(teachers + results)
+
+
 def test_seed_report_says_when_no_seed_has_both_models():
     from machinery.tables import seed_report
     results = [r for r in seed_results(gain=0.0, seeds=2) if (r["name"], r["seed"]) in (("mlcak@28", 0), ("baseline@28", 1))]
