@@ -118,6 +118,14 @@ def seed_report(results, seed=0):
         role, res = r["name"].split("@")
         return {"teacher": 0, "baseline": 1}.get(role, 2), -int(res)
 
+    def pooled(a, b, seeds, bold=False):  # a - b for each score, pooled over seeds: mean [interval], p
+        cells = []
+        for k in keys:
+            point = number(np.mean([a[s]["scores"][k] - b[s]["scores"][k] for s in seeds]), True)
+            d = hierarchical(np.stack([a[s]["_samples"][k] - b[s]["_samples"][k] for s in seeds]), rng)
+            cells.append(f"{f'**{point}**' if bold else point} {span(interval(d), True)}, {p_text(p_value(d), len(d))}")
+        return cells
+
     def spread(v):
         sd = np.std(v, ddof=1) if len(v) > 1 else 0
         return f"{np.mean(v):.3f} +- {sd:.3f} ({min(v):.3f} to {max(v):.3f})"
@@ -171,10 +179,15 @@ def seed_report(results, seed=0):
             cells = [paired_difference(baseline[s]["scores"][k], mlcak[s]["scores"][k], baseline[s]["_samples"][k],
                                        mlcak[s]["_samples"][k]) for k in keys]
             lines.append(f"| {s} | " + " | ".join(f"{number(d['difference'], True)} {span(d['ci'], True)}" for d in cells) + " |")
-        cells = []
-        for k in keys:
-            points = [mlcak[s]["scores"][k] - baseline[s]["scores"][k] for s in seeds]
-            d = hierarchical(np.stack([mlcak[s]["_samples"][k] - baseline[s]["_samples"][k] for s in seeds]), rng)
-            cells.append(f"**{number(np.mean(points), True)}** {span(interval(d), True)}, {p_text(p_value(d), len(d))}")
-        lines.append("| pooled | " + " | ".join(cells) + " |")
+        lines.append("| pooled | " + " | ".join(pooled(mlcak, baseline, seeds, bold=True)) + " |")
+    # the paper's premise: the teacher above each baseline, each baseline above the one of the next lower resolution
+    baselines = [name for name in models if name.startswith("baseline@")]  # highest resolution first
+    premise = [(t, b) for t in models if t.startswith("teacher@") for b in baselines] + list(zip(baselines, baselines[1:]))
+    premise = [(a, b, sorted(set(models[a]) & set(models[b]))) for a, b in premise]
+    if any(seeds for _, _, seeds in premise):
+        lines += ["", "The premise: each difference pooled over the seeds that have both models [95% interval, hierarchical "
+                  "bootstrap as above] with its two-sided bootstrap p-value:", "",
+                  "| difference | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+        lines += [f"| {a} - {b} | {len(seeds)} | " + " | ".join(pooled(models[a], models[b], seeds)) + " |"
+                  for a, b, seeds in premise if seeds]
     return "\n".join(lines)

@@ -171,15 +171,16 @@ def test_map_figures_have_one_panel_per_checkpoint_plus_the_input(tmp_path):
     assert maps.shape == (3, 4, 4) and torch.allclose(maps.sum((1, 2)), torch.ones(3))
 
 
-def seed_results(gain, seeds=4, n=200):
+def seed_results(gain, seeds=4, n=200, noises=None):
     """evaluate_checkpoints-like results of baseline and mlcak over seeds, all scored on one test set with one set of
-    image resamples (as evaluate_checkpoints shares them); mlcak's scores are `gain` less noisy."""
+    image resamples (as evaluate_checkpoints shares them); mlcak's scores are `gain` less noisy (or: each model
+    named in `noises` with its noise)."""
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, (n, 3))
     weights = image_weights(n, 300, rng)
     out = []
     for s in range(seeds):
-        for name, noise in (("baseline@28", 3.0), ("mlcak@28", 3.0 * (1 - gain))):  # noise 3: AUROC about 0.83
+        for name, noise in (noises or {"baseline@28": 3.0, "mlcak@28": 3.0 * (1 - gain)}).items():  # 3: AUROC ~0.83
             p = y + noise * rng.random(y.shape)
             prediction = predictions(p, y, p.max(1), y.any(1).astype(int))
             point = scores(prediction, np.ones((1, n)), {"pair": [0, 1]})
@@ -198,6 +199,21 @@ def test_seed_report_pools_seeds_and_finds_a_real_gain_but_not_a_null_one():
     assert pooled[0].startswith("**+") and "p < 0.007" in pooled[0]  # no resample of 300 crosses 0: p below 2/300
     null = seed_report(seed_results(gain=0.0)).split("| pooled | ")[1].split(" | ")[0]
     assert float(null.split("p = ")[1].split()[0].rstrip("|")) > 0.05
+
+
+def test_seed_report_tests_the_premise_teacher_above_baselines_and_baselines_falling_with_resolution():
+    from machinery.tables import seed_report
+    noises = {"teacher@224": 1.0, "baseline@112": 2.0, "baseline@56": 3.0, "baseline@28": 3.0, "mlcak@28": 3.0}
+    report = seed_report(seed_results(0.0, noises=noises))
+    cells = [line[2:].split(" | ") for line in report.split("\n") if line.startswith("| ")]
+    rows = {c[0]: c[2] for c in cells if " - " in c[0]}  # difference, seeds, mean local, ...
+    assert list(rows) == ["teacher@224 - baseline@112", "teacher@224 - baseline@56", "teacher@224 - baseline@28",
+                          "baseline@112 - baseline@56", "baseline@56 - baseline@28"]
+    for pair in ("teacher@224 - baseline@112", "teacher@224 - baseline@28", "baseline@112 - baseline@56"):
+        assert rows[pair].startswith("+") and "p < 0.007" in rows[pair], (pair, rows[pair])
+    same = rows["baseline@56 - baseline@28"]  # equally noisy: the test must not find a difference
+    assert float(same.split("p = ")[1]) > 0.05, same
+    assert "The premise" not in seed_report(seed_results(0.0))  # baseline and mlcak alone: nothing to test
 
 
 def test_seed_report_names_a_seed_given_twice():
