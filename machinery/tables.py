@@ -109,7 +109,8 @@ def seed_report(results, seed=0):
     bootstrap resamples): per model (role@res), each score's mean, sd and range over the seeds, and its mean with a
     95% interval from a hierarchical bootstrap (seeds, and the shared test images); per seed, mlcak - baseline at
     each resolution with its paired bootstrap interval over the test images; pooled over seeds, the mean difference
-    with its hierarchical interval and two-sided bootstrap p-value.
+    with its hierarchical interval and two-sided bootstrap p-value; and the paper's premise, pooled the same way: the
+    teacher against each baseline, each baseline against the one of the next lower resolution.
     """
     keys, rng = list(results[0]["scores"]), np.random.default_rng(seed)
     n_images, resamples = results[0]["n_images"], len(results[0]["_samples"]["mean local"])
